@@ -1,0 +1,279 @@
+"""gRPC transport of the compositing service (the port clients use).
+
+`InferBatchComposite` reports bad requests the way the replaced system did:
+`success=false` with an `error`; the other RPCs use gRPC status codes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from compositing_service.background_cache import BackgroundCache
+from compositing_service.compositor import Compositor
+from compositing_service.inference_client import InferenceClient
+from lipsync import __version__
+from lipsync.avatar_package import AvatarCatalog, AvatarError, UnknownModelError, check_model_id
+from lipsync.config import Config
+from lipsync.grpc_util import add_health, bind, create_server
+from lipsync.proto import compositing_pb2 as cpb
+from lipsync.proto import compositing_pb2_grpc as cpb_grpc
+from lipsync.proto import inference_pb2 as ipb
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "compositing.CompositingService"
+VISUAL_BYTES = 6 * 320 * 320 * 4
+BLOCK_BYTES = 32 * 16 * 16 * 4
+SAMPLE_BYTES = {cpb.PCM_F32LE: 4, cpb.PCM_S16LE: 2}
+
+
+class BadRequest(ValueError):
+    pass
+
+
+def _rpc_message(exc: grpc.RpcError, address: str) -> str:
+    code = exc.code() if hasattr(exc, "code") else None
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return f"inference service unavailable at {address}: {details}"
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return f"inference service did not answer in time ({address})"
+    return details or str(code)
+
+
+class CompositingServicer(cpb_grpc.CompositingServiceServicer):
+    def __init__(self, cfg: Config, catalog: AvatarCatalog, cache: BackgroundCache,
+                 inference: InferenceClient, compositor: Compositor):
+        self.cfg = cfg
+        self.catalog = catalog
+        self.cache = cache
+        self.inference = inference
+        self.compositor = compositor
+
+    # -- InferBatchComposite ------------------------------------------------------------
+    def _request_to_infer(self, req: cpb.CompositeBatchRequest) -> tuple[ipb.InferRequest, bool]:
+        """Validate what can be checked here and build the inference request.
+
+        Returns the request and whether the avatar's own face crops are needed.
+        """
+        b = req.batch_size
+        limit = self.cfg.limits.max_batch_size
+        if not 1 <= b <= limit:
+            raise BadRequest(f"batch_size must be between 1 and {limit}, got {b}")
+        if req.clip_frame_offset < 0:
+            raise BadRequest("clip_frame_offset must be >= 0")
+        out = ipb.InferRequest(model_id=req.model_id, batch_size=b,
+                               clip_frame_offset=req.clip_frame_offset)
+        if req.visual_frames:
+            if len(req.visual_frames) != b * VISUAL_BYTES:
+                raise BadRequest(
+                    f"visual_frames has {len(req.visual_frames)} bytes; batch_size {b} needs "
+                    f"{b * VISUAL_BYTES} (float32 [{b},6,320,320])"
+                )
+            out.visual_input = req.visual_frames
+        if req.raw_audio and req.audio_features:
+            raise BadRequest("send either raw_audio or audio_features, not both")
+        if req.raw_audio:
+            size = SAMPLE_BYTES.get(req.audio_encoding)
+            if size is None:
+                raise BadRequest(f"unknown audio_encoding {req.audio_encoding}")
+            if len(req.raw_audio) % size:
+                raise BadRequest(f"raw_audio has {len(req.raw_audio)} bytes, not a multiple of {size}")
+            out.clip.pcm = req.raw_audio
+            out.clip.sample_rate = req.sample_rate
+            out.clip.encoding = req.audio_encoding
+        elif req.audio_features:
+            n = len(req.audio_features)
+            if n not in (BLOCK_BYTES, b * BLOCK_BYTES):
+                raise BadRequest(
+                    f"audio_features has {n} bytes; expected {b * BLOCK_BYTES} (float32 "
+                    f"[{b},32,16,16]) or {BLOCK_BYTES} (one [32,16,16] block for every frame)"
+                )
+            out.audio_features = req.audio_features
+        else:
+            raise BadRequest("no audio: set raw_audio (PCM) or audio_features")
+        return out, not req.visual_frames
+
+    def InferBatchComposite(self, request, context):  # noqa: N802
+        t_start = time.perf_counter()
+        try:
+            return self._composite(request, t_start)
+        except (BadRequest, UnknownModelError, AvatarError) as exc:
+            return cpb.CompositeBatchResponse(success=False, error=str(exc))
+        except grpc.RpcError as exc:
+            return cpb.CompositeBatchResponse(
+                success=False, error=_rpc_message(exc, self.inference.address)
+            )
+        except MemoryError:
+            return cpb.CompositeBatchResponse(success=False, error="out of memory")
+        except Exception as exc:
+            log.exception("InferBatchComposite failed")
+            return cpb.CompositeBatchResponse(
+                success=False, error=f"internal error: {type(exc).__name__}: {exc}"
+            )
+
+    def _composite(self, request: cpb.CompositeBatchRequest, t_start: float) -> cpb.CompositeBatchResponse:
+        model_id = check_model_id(request.model_id)
+        infer_req, own_crops = self._request_to_infer(request)
+        stages: dict[str, float] = {}
+        t0 = time.perf_counter()
+        avatar = self.cache.get(model_id)
+        stages["background_cache"] = (time.perf_counter() - t0) * 1e3
+        indices = self.compositor.background_indices(avatar, request.start_frame_idx, request.batch_size)
+        crops = None
+        t0 = time.perf_counter()
+        if own_crops:
+            batch = self.compositor.crops(avatar, indices)
+            infer_req.face_crops = batch.inner.tobytes()
+            crops = batch.crops
+        t1 = time.perf_counter()
+        stages["crop"] = (t1 - t0) * 1e3
+        mouths = self.inference.infer(infer_req)
+        t2 = time.perf_counter()
+        inference_ms = (t2 - t1) * 1e3
+        remote = mouths.stage_times_ms
+        for k, v in remote.items():
+            stages[f"inference.{k}"] = v
+        remote_total = sum(v for k, v in remote.items() if k != "model_load")
+        stages["transfer"] = max(0.0, inference_ms - remote_total)
+        frames = self.compositor.composite(avatar, indices, mouths.pixels, crops)
+        t3 = time.perf_counter()
+        stages["paste_jpeg"] = (t3 - t2) * 1e3
+        composite_ms = stages["crop"] + stages["paste_jpeg"]
+        return cpb.CompositeBatchResponse(
+            success=True,
+            composited_frames=frames,
+            gpu_id=mouths.gpu_id,
+            inference_time_ms=inference_ms,
+            composite_time_ms=composite_ms,
+            total_time_ms=(t3 - t_start) * 1e3,
+            stage_times_ms=stages,
+            background_frame_indices=indices,
+        )
+
+    # -- the rest ----------------------------------------------------------------------
+    def Health(self, request, context):  # noqa: N802
+        inference_ok = self.inference.healthy()
+        loaded = max_models = 0
+        if inference_ok:
+            try:
+                stats = self.inference.model_stats(timeout_s=2.0)
+                loaded, max_models = stats.loaded_models, stats.max_models
+            except grpc.RpcError:
+                inference_ok = False
+        return cpb.HealthResponse(
+            healthy=True,
+            loaded_models=loaded,
+            max_models=max_models,
+            inference_server_url=self.inference.address,
+            inference_server_healthy=inference_ok,
+            version=__version__,
+        )
+
+    def _abort_rpc(self, context: grpc.ServicerContext, exc: Exception) -> None:
+        if isinstance(exc, UnknownModelError):
+            context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        if isinstance(exc, AvatarError):
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        if isinstance(exc, grpc.RpcError):
+            context.abort(exc.code(), _rpc_message(exc, self.inference.address))
+        log.exception("RPC failed")
+        context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
+
+    def ListModels(self, request, context):  # noqa: N802
+        try:
+            self.catalog.rescan()
+            try:
+                loaded = {m.model_id for m in self.inference.list_models().models if m.loaded}
+            except grpc.RpcError:
+                loaded = set()
+            out = []
+            for name in self.catalog.names():
+                info = cpb.ModelInfo(model_id=name, loaded=name in loaded)
+                cached = self.cache.peek(name)
+                if cached is not None:
+                    w, h = cached.size
+                    info.frames_cached = True
+                    info.frame_count, info.frame_width, info.frame_height = cached.count, w, h
+                    info.fps = cached.fps
+                else:
+                    info.fps = self.catalog.get(name).fps
+                out.append(info)
+            return cpb.ListModelsResponse(models=out)
+        except Exception as exc:
+            self._abort_rpc(context, exc)
+
+    def _known(self, model_id: str) -> str:
+        check_model_id(model_id)
+        self.catalog.get(model_id)
+        return model_id
+
+    def LoadModel(self, request, context):  # noqa: N802
+        try:
+            t0 = time.perf_counter()
+            model_id = self._known(request.model_id)
+            self.cache.get(model_id)
+            resp = self.inference.load_model(model_id)
+            resp.load_time_ms = (time.perf_counter() - t0) * 1e3
+            return resp
+        except Exception as exc:
+            self._abort_rpc(context, exc)
+
+    def UnloadModel(self, request, context):  # noqa: N802
+        try:
+            model_id = self._known(request.model_id)
+            dropped = self.cache.drop(model_id)
+            resp = self.inference.unload_model(model_id)
+            if dropped and not resp.success:
+                return cpb.UnloadModelResponse(success=True)
+            return resp
+        except Exception as exc:
+            self._abort_rpc(context, exc)
+
+    def GetModelStats(self, request, context):  # noqa: N802
+        try:
+            if request.model_id:
+                self._known(request.model_id)
+            return self.inference.model_stats(request.model_id)
+        except Exception as exc:
+            self._abort_rpc(context, exc)
+
+
+@dataclass
+class RunningCompositing:
+    server: grpc.Server
+    port: int
+    servicer: CompositingServicer
+
+    def stop(self, grace_s: float = 2.0) -> None:
+        self.server.stop(grace_s).wait()
+        self.servicer.inference.close()
+        self.servicer.compositor.close()
+
+
+def start(cfg: Config, port: int | None = None, preload: bool = True) -> RunningCompositing:
+    """Start the compositing service (non-blocking). `port=0` binds a free port."""
+    c = cfg.compositing
+    catalog = AvatarCatalog(cfg.avatars_path)
+    cache = BackgroundCache(catalog, c.frame_cache.max_avatars, c.frame_cache.max_bytes)
+    inference = InferenceClient(
+        c.inference_address, cfg.limits.max_message_bytes, c.inference_timeout_s, c.transfer_dtype
+    )
+    servicer = CompositingServicer(cfg, catalog, cache, inference, Compositor(c.jpeg_quality, c.workers))
+    server = create_server(c.max_workers, cfg.limits.max_message_bytes)
+    cpb_grpc.add_CompositingServiceServicer_to_server(servicer, server)
+    add_health(server, [SERVICE_NAME])
+    bound = bind(server, c.host, c.port if port is None else port)
+    server.start()
+    if preload:
+        threading.Thread(
+            target=cache.preload, args=(c.frame_cache.preload,), name="frame-preload", daemon=True
+        ).start()
+    log.info("compositing service %s listening on %s:%d (inference at %s)",
+             __version__, c.host, bound, c.inference_address)
+    return RunningCompositing(server, bound, servicer)

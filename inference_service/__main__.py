@@ -1,0 +1,32 @@
+"""`python -m inference_service [--config FILE] [--port N]`: run the inference service."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from lipsync.config import load_config
+from lipsync.grpc_util import setup_logging, wait_for_termination
+
+log = logging.getLogger("inference_service")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="inference_service", description=__doc__)
+    ap.add_argument("--config", help="YAML config file (default: $LIPSYNC_CONFIG)")
+    ap.add_argument("--port", type=int, help="override inference.port")
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config)
+    if args.port is not None:
+        cfg.inference.port = args.port
+    setup_logging(cfg.log_level)
+    from inference_service.server import start
+
+    running = start(cfg)
+    running.engine.preload()
+    wait_for_termination(running.server, on_stop=running.engine.close)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

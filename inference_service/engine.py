@@ -1,0 +1,173 @@
+"""The inference pipeline: audio clip -> mel -> windows -> encoder -> per-frame audio
+blocks, face crops -> visual input, then the UNet over the batch.
+
+Transport-free: the gRPC servicer (server.py) decodes requests into the numpy
+arrays this module takes and encodes what it returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from inference_service import audio
+from inference_service.networks import AudioEncoder, AvatarNetworks, load_networks
+from inference_service.registry import ModelRegistry
+from inference_service.sessions import SessionOptions
+from compositing_service.visual import visual_input  # TODO move
+from lipsync.avatar_package import AvatarCatalog
+from lipsync.config import Config
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(ValueError):
+    """The request is malformed; the message says how."""
+
+
+@dataclass
+class Timings:
+    ms: dict[str, float] = field(default_factory=dict)
+
+    def add(self, stage: str, t0: float) -> float:
+        now = time.perf_counter()
+        self.ms[stage] = self.ms.get(stage, 0.0) + (now - t0) * 1000.0
+        return now
+
+
+@dataclass
+class InferResult:
+    mouths: np.ndarray  # float32 [B, 3, 320, 320] in [0, 1]
+    timings: Timings
+    provider: str
+
+
+def encoder_rows_needed(n: int, frame_indices: np.ndarray) -> tuple[int, int]:
+    """The range [lo, hi) of encoder outputs F that these frames' audio blocks read.
+
+    Frame i reads padded rows F'[i-8 : i+8] (those inside [0, n+2)), and
+    F'[r] = F[clip(r - 1, 0, n - 1)]; so F rows i-9 .. i+6, clipped to [0, n).
+    """
+    lo = min(max(int(frame_indices.min()) - 9, 0), n - 1)
+    hi = max(min(int(frame_indices.max()) + 7, n), lo + 1)
+    return lo, hi
+
+
+class InferenceEngine:
+    def __init__(self, cfg: Config, catalog: AvatarCatalog | None = None):
+        self.cfg = cfg
+        icfg = cfg.inference
+        self.catalog = catalog or AvatarCatalog(cfg.avatars_path)
+        self.session_opts = SessionOptions(
+            providers=tuple(icfg.execution_providers),
+            device_id=icfg.device_id,
+            intra_op_threads=icfg.intra_op_threads,
+            inter_op_threads=icfg.inter_op_threads,
+        )
+        self._shared_encoder: AudioEncoder | None = None
+        if icfg.shared_audio_encoder:
+            from pathlib import Path
+
+            self._shared_encoder = AudioEncoder(Path(icfg.shared_audio_encoder), self.session_opts)
+        r = icfg.registry
+        self.registry: ModelRegistry[AvatarNetworks] = ModelRegistry(
+            self._load, r.max_models, r.max_bytes, r.eviction, r.idle_unload_s
+        )
+        self.unet_batch = max(1, icfg.batching.max_batch)
+
+    def _load(self, model_id: str) -> AvatarNetworks:
+        m = self.catalog.get(model_id)
+        return load_networks(model_id, m.unet, m.audio_encoder, self._shared_encoder, self.session_opts)
+
+    def preload(self) -> None:
+        ids = self.cfg.inference.registry.preload
+        if "*" in ids:
+            ids = self.catalog.names()
+        for model_id in ids[: self.registry.max_models]:
+            try:
+                self.registry.load(model_id)
+            except Exception as exc:  # one bad avatar must not stop the service
+                log.error("preload of %s failed: %s", model_id, exc)
+
+    # -- audio ----------------------------------------------------------------
+    def clip_blocks(
+        self,
+        nets: AvatarNetworks,
+        samples: np.ndarray,
+        frame_indices: Sequence[int] | np.ndarray,
+        timings: Timings,
+    ) -> np.ndarray:
+        """Audio blocks [len(frame_indices), 32, 16, 16] of clip frames (any index >= 0)."""
+        idx = np.asarray(frame_indices, dtype=np.int64)
+        t0 = time.perf_counter()
+        mel = audio.melspectrogram(samples)
+        t0 = timings.add("mel", t0)
+        n = audio.video_frame_count(len(mel))
+        lo, hi = encoder_rows_needed(n, idx)
+        features = np.zeros((n, 512), np.float32)
+        features[lo:hi] = nets.encoder.encode(audio.mel_windows(mel)[lo:hi])
+        # Rows outside [lo, hi) are never read by these frames (see encoder_rows_needed).
+        t0 = timings.add("audio_encoder", t0)
+        blocks = audio.feature_blocks(features, idx)
+        timings.add("audio_blocks", t0)
+        return blocks
+
+    # -- the whole request --------------------------------------------------------
+    def infer(
+        self,
+        model_id: str,
+        batch_size: int,
+        *,
+        face_crops: np.ndarray | None = None,
+        visual: np.ndarray | None = None,
+        clip: np.ndarray | None = None,
+        features: np.ndarray | None = None,
+        clip_frame_offset: int = 0,
+    ) -> InferResult:
+        """Mouth regions [B, 3, 320, 320] for one batch.
+
+        Visual: `face_crops` uint8 [B, 320, 320, 3] or `visual` float32 [B, 6, 320, 320].
+        Audio: `clip` (float32 16 kHz samples; frame k is clip frame offset + k) or
+        `features` float32 [B, 32, 16, 16] / [1, 32, 16, 16].
+        """
+        timings = Timings()
+        b = batch_size
+        if (face_crops is None) == (visual is None):
+            raise RequestError("exactly one of face crops or visual input is required")
+        if (clip is None) == (features is None):
+            raise RequestError("audio is required: raw audio or audio features")
+        t_load = time.perf_counter()
+        nets = self.registry.get(model_id)
+        timings.add("model_load", t_load)
+        t_start = time.perf_counter()
+        if clip is not None:
+            audio_in = self.clip_blocks(nets, clip, np.arange(b) + clip_frame_offset, timings)
+        else:
+            assert features is not None
+            audio_in = features if len(features) == b else np.broadcast_to(features, (b, 32, 16, 16))
+        t0 = time.perf_counter()
+        vis = visual if visual is not None else visual_input(face_crops)
+        t0 = timings.add("visual_input", t0)
+        out = np.empty((b, 3, 320, 320), np.float32)
+        for i in range(0, b, self.unet_batch):
+            j = min(b, i + self.unet_batch)
+            out[i:j] = nets.run_unet(
+                np.ascontiguousarray(vis[i:j]), np.ascontiguousarray(audio_in[i:j], np.float32)
+            )
+        timings.add("unet", t0)
+        self.registry.record(model_id, b, (time.perf_counter() - t_start) * 1000.0)
+        return InferResult(out, timings, nets.provider)
+
+    def clip_features(self, model_id: str, clip: np.ndarray) -> tuple[np.ndarray, Timings]:
+        """Audio blocks of every frame of a clip: [n + 2, 32, 16, 16]."""
+        timings = Timings()
+        nets = self.registry.get(model_id)
+        t = audio.clip_frame_count(1 + len(clip) // audio.HOP)
+        return self.clip_blocks(nets, clip, np.arange(t), timings), timings
+
+    def close(self) -> None:
+        self.registry.close()

@@ -1,0 +1,230 @@
+"""Configuration of both services: YAML with documented defaults, overridable by environment.
+
+Precedence (lowest first): the defaults in this file, the YAML file named by
+`LIPSYNC_CONFIG` (or passed explicitly), then environment variables:
+
+- `AVATARS_DIR`                      -> avatars_dir
+- `INFERENCE_ADDRESS`                -> compositing.inference_address
+- `LIPSYNC_<SECTION>__<KEY>[__...]`  -> any field, e.g. `LIPSYNC_COMPOSITING__JPEG_QUALITY=90`,
+  `LIPSYNC_INFERENCE__EXECUTION_PROVIDERS=cpu`, `LIPSYNC_LOG_LEVEL=DEBUG`.
+
+Environment values are parsed as YAML scalars/lists (`8`, `true`, `[cuda, cpu]`, `cuda,cpu`).
+`deploy/config.example.yaml` lists every field with its default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+@dataclass
+class LimitsConfig:
+    """Request limits, enforced by both services."""
+
+    max_batch_size: int = 128  # frames per InferBatchComposite request
+    max_message_bytes: int = 256 * MiB  # gRPC send/receive limit
+    max_audio_seconds: float = 600.0  # length of one raw audio clip
+
+
+@dataclass
+class RegistryConfig:
+    """Which avatars' networks the inference service keeps in memory."""
+
+    max_models: int = 8
+    max_bytes: int = 8 * GiB  # size of the ONNX files, a proxy for session memory
+    eviction: str = "lru"  # lru | lfu
+    idle_unload_s: float = 0.0  # unload a model unused this long; 0 disables
+    preload: list[str] = field(default_factory=list)  # model ids loaded at start ("*" = all)
+
+
+@dataclass
+class BatchingConfig:
+    """Dynamic batching of concurrent requests in the inference service."""
+
+    enabled: bool = True
+    max_batch: int = 32  # frames per UNet run
+    max_wait_ms: float = 2.0  # how long a run waits for more work to join
+
+
+@dataclass
+class InferenceConfig:
+    host: str = "0.0.0.0"
+    port: int = 50051
+    # Tried in order; unavailable ones are skipped with a log line. Names: cuda,
+    # tensorrt, cpu (or full onnxruntime provider names).
+    execution_providers: list[str] = field(default_factory=lambda: ["cuda", "cpu"])
+    device_id: int = 0
+    # Run the UNet in float16 on CUDA (the model is converted at load).
+    cuda_fp16: bool = False
+    # Audio encoder used by avatars that ship none (avatars' own take precedence).
+    shared_audio_encoder: str | None = None
+    intra_op_threads: int = 0  # 0: onnxruntime's default (all cores)
+    inter_op_threads: int = 1
+    max_workers: int = 16  # gRPC handler threads
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+
+
+@dataclass
+class FrameCacheConfig:
+    """Background frames held decoded in the compositing service's memory."""
+
+    max_avatars: int = 8
+    max_bytes: int = 6 * GiB
+    preload: list[str] = field(default_factory=lambda: ["*"])  # "*" = every avatar found
+
+
+@dataclass
+class CompositingConfig:
+    host: str = "0.0.0.0"
+    port: int = 50052
+    inference_address: str = "localhost:50051"
+    inference_timeout_s: float = 60.0
+    jpeg_quality: int = 90
+    workers: int = 0  # threads for crop/paste/JPEG; 0: one per core
+    max_workers: int = 32  # gRPC handler threads
+    # Encoding of the mouth regions the inference service returns:
+    # float32 (the design's default), float16 or uint8 (trunc(255 x), bit-exact too).
+    transfer_dtype: str = "float32"
+    frame_cache: FrameCacheConfig = field(default_factory=FrameCacheConfig)
+
+
+@dataclass
+class Config:
+    avatars_dir: str = "avatars"
+    log_level: str = "INFO"
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    compositing: CompositingConfig = field(default_factory=CompositingConfig)
+
+    @property
+    def avatars_path(self) -> Path:
+        return Path(self.avatars_dir)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping")
+        return _build(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list")
+        return [_coerce(v, item, f"{where}[]") for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str | int | float):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _build(cls: Any, data: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"{where or 'config'}: unknown key(s) {sorted(unknown)}")
+    kwargs = {
+        k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()
+    }
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _env_overrides(env: typing.Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+
+    def put(path: list[str], raw: str) -> None:
+        node = out
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = yaml.safe_load(raw) if raw != "" else None
+
+    if env.get("AVATARS_DIR"):
+        put(["avatars_dir"], env["AVATARS_DIR"])
+    if env.get("INFERENCE_ADDRESS"):
+        put(["compositing", "inference_address"], env["INFERENCE_ADDRESS"])
+    for key, raw in env.items():
+        if key.startswith("LIPSYNC_") and key != "LIPSYNC_CONFIG":
+            put([p.lower() for p in key[len("LIPSYNC_"):].split("__")], raw)
+    # Values such as "cuda,cpu" parse as strings; _coerce splits them for lists.
+    return out
+
+
+def validate(cfg: Config) -> Config:
+    if cfg.inference.registry.eviction not in ("lru", "lfu"):
+        raise ConfigError("inference.registry.eviction must be 'lru' or 'lfu'")
+    if not 1 <= cfg.compositing.jpeg_quality <= 100:
+        raise ConfigError("compositing.jpeg_quality must be in 1..100")
+    if cfg.compositing.transfer_dtype not in ("float32", "float16", "uint8"):
+        raise ConfigError("compositing.transfer_dtype must be float32, float16 or uint8")
+    if cfg.limits.max_batch_size < 1:
+        raise ConfigError("limits.max_batch_size must be at least 1")
+    if cfg.inference.batching.max_batch < 1:
+        raise ConfigError("inference.batching.max_batch must be at least 1")
+    return cfg
+
+
+def load_config(
+    path: str | Path | None = None, env: typing.Mapping[str, str] | None = None
+) -> Config:
+    """Defaults, then the YAML file (`path` or $LIPSYNC_CONFIG), then the environment."""
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    path = path or env.get("LIPSYNC_CONFIG")
+    if path:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        data = loaded
+    data = _merge(data, _env_overrides(env))
+    return validate(_build(Config, data, ""))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,149 @@
+"""Run both services as child processes: `python -m lipsync.launch` (what `make run` does).
+
+Ctrl-C or SIGTERM stops both. The launcher waits until each service answers the
+standard gRPC health check before saying it is ready. `ServiceProcesses` is the same
+thing as a context manager, used by the demo and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from types import TracebackType
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from lipsync.config import load_config
+
+log = logging.getLogger("lipsync.launch")
+
+
+def wait_healthy(address: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+    """Block until the gRPC health service at `address` says SERVING."""
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"service for {address} exited with code {proc.returncode}")
+            try:
+                resp = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{address} not healthy after {timeout_s:.0f} s")
+            time.sleep(0.1)
+
+
+class ServiceProcesses:
+    """Both services as child processes, stopped on exit."""
+
+    def __init__(
+        self,
+        config: str | None = None,
+        env: Mapping[str, str] | None = None,
+        inference_port: int | None = None,
+        compositing_port: int | None = None,
+        quiet: bool = False,
+    ):
+        self.env = dict(os.environ if env is None else env)
+        cfg = load_config(config, self.env)
+        self.inference_port = inference_port or cfg.inference.port
+        self.compositing_port = compositing_port or cfg.compositing.port
+        self.env["INFERENCE_ADDRESS"] = f"localhost:{self.inference_port}"
+        self.config = config
+        self.quiet = quiet
+        self.procs: list[subprocess.Popen] = []
+
+    @property
+    def address(self) -> str:
+        return f"localhost:{self.compositing_port}"
+
+    def _spawn(self, module: str, port: int) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", module, "--port", str(port)]
+        if self.config:
+            cmd += ["--config", self.config]
+        out = subprocess.DEVNULL if self.quiet else None
+        proc = subprocess.Popen(cmd, env=self.env, stdout=out, stderr=out)
+        self.procs.append(proc)
+        return proc
+
+    def start(self, timeout_s: float = 120.0) -> ServiceProcesses:
+        inf = self._spawn("inference_service", self.inference_port)
+        comp = self._spawn("compositing_service", self.compositing_port)
+        try:
+            wait_healthy(f"localhost:{self.inference_port}", timeout_s, inf)
+            wait_healthy(self.address, timeout_s, comp)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.procs.clear()
+
+    def __enter__(self) -> ServiceProcesses:
+        return self.start()
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="lipsync.launch", description=__doc__)
+    ap.add_argument("--config", help="YAML config file (default: $LIPSYNC_CONFIG)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    stop = threading.Event()
+
+    def handle(signum: int, _frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, handle)
+    signal.signal(signal.SIGTERM, handle)
+    services = ServiceProcesses(args.config)
+    t0 = time.perf_counter()
+    try:
+        services.start()
+    except (RuntimeError, TimeoutError) as exc:
+        log.error("%s", exc)
+        return 1
+    log.info(
+        "ready in %.1f s: clients connect to %s (inference on localhost:%d); Ctrl-C stops",
+        time.perf_counter() - t0, services.address, services.inference_port,
+    )
+    try:
+        while not stop.is_set():
+            if any(p.poll() is not None for p in services.procs):
+                log.error("a service exited; stopping the other")
+                return 1
+            stop.wait(0.5)
+    finally:
+        services.stop()
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,82 @@
+"""Synthetic avatar packages for tests: textured frames, crop rects, small ONNX nets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import yaml
+
+from tests.onnx_models import build_test_encoder, build_test_unet
+
+
+def make_frames(n: int, width: int, height: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    base = cv2.GaussianBlur(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), (0, 0), 3)
+    frames = []
+    for i in range(n):
+        f = np.roll(base, shift=3 * i, axis=1).copy()
+        cv2.putText(f, str(i), (10, 40), cv2.FONT_HERSHEY_SIMPLEX, 1.2, (255, 255, 255), 2)
+        frames.append(f)
+    return frames
+
+
+def make_rects(n: int, width: int, height: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed + 100)
+    rects = []
+    for _ in range(n):
+        size = int(rng.integers(min(width, height) // 4, min(width, height) // 2))
+        x1 = int(rng.integers(0, width - size))
+        y1 = int(rng.integers(0, height - size))
+        rects.append([x1, y1, x1 + size, y1 + size])
+    return rects
+
+
+def make_avatar(
+    root: Path,
+    name: str,
+    n_frames: int = 7,
+    width: int = 256,
+    height: int = 224,
+    seed: int = 0,
+    own_encoder: bool = True,
+    frame_name: str = "{i}.png",
+) -> Path:
+    """Write an avatar package `<root>/<name>/` and return its folder.
+
+    Frames are PNG by default so tests compare against exactly the pixels served.
+    """
+    folder = root / name
+    (folder / "frames").mkdir(parents=True)
+    frames = make_frames(n_frames, width, height, seed)
+    for i, f in enumerate(frames):
+        cv2.imwrite(str(folder / "frames" / frame_name.format(i=i)), f)
+    rects = make_rects(n_frames, width, height, seed)
+    (folder / "crop_rects.json").write_text(json.dumps(rects))
+    build_test_unet(folder / "unet.onnx", seed)
+    manifest = {
+        "name": name,
+        "fps": 25,
+        "unet": "unet.onnx",
+        "frames": "frames",
+        "crop_rects": "crop_rects.json",
+    }
+    if own_encoder:
+        build_test_encoder(folder / "audio_encoder.onnx", seed + 1)
+        manifest["audio_encoder"] = "audio_encoder.onnx"
+    (folder / "avatar.yaml").write_text(yaml.safe_dump(manifest))
+    return folder
+
+
+def speech_like(seconds: float, sr: int = 16000, seed: int = 0) -> np.ndarray:
+    """A speech-like test signal: voiced harmonics with syllable-rate envelope and noise."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sr)) / sr
+    f0 = 120 + 30 * np.sin(2 * np.pi * 0.7 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / sr
+    voiced = sum(np.sin(k * phase) / k for k in range(1, 12))
+    env = np.clip(np.sin(2 * np.pi * 3.1 * t) + 0.3, 0, None)
+    sig = 0.25 * env * voiced + 0.02 * rng.standard_normal(len(t))
+    return sig.astype(np.float32)
