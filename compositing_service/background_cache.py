@@ -66,7 +66,8 @@ def load_avatar_frames(catalog: AvatarCatalog, model_id: str, threads: int = 4) 
     rects = m.load_crop_rects()
     if len(rects) != len(files):
         raise AvatarError(
-            f"avatar {m.name}: {len(files)} frames but {len(rects)} crop rects in {m.crop_rects.name}"
+            f"avatar {m.name}: {len(files)} frames but {len(rects)} crop rects "
+            f"in {m.crop_rects.name}"
         )
     with ThreadPoolExecutor(max_workers=threads) as pool:
         frames = list(pool.map(_read_frame, files))
@@ -114,7 +115,11 @@ class BackgroundCache:
                 self._items[model_id] = item
             log.info(
                 "cached %d frames of %s (%dx%d, %.1f MB) in %.0f ms",
-                item.count, model_id, *item.size, item.nbytes / 1e6, item.load_ms,
+                item.count,
+                model_id,
+                *item.size,
+                item.nbytes / 1e6,
+                item.load_ms,
             )
             return item
 

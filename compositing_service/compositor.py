@@ -12,7 +12,7 @@ import numpy as np
 
 from compositing_service.background_cache import AvatarFrames, pingpong
 from compositing_service.jpeg import JpegEncoder
-from compositing_service.visual import INNER, face_crop, inner, paste_back
+from lipsync.visual import INNER, face_crop, inner, paste_back
 
 
 @dataclass
@@ -34,9 +34,7 @@ class Compositor:
         return [pingpong(start + k, avatar.count) for k in range(batch)]
 
     def crops(self, avatar: AvatarFrames, indices: list[int]) -> BatchCrops:
-        crops = list(
-            self.pool.map(lambda i: face_crop(avatar.frames[i], avatar.rects[i]), indices)
-        )
+        crops = list(self.pool.map(lambda i: face_crop(avatar.frames[i], avatar.rects[i]), indices))
         stacked = np.empty((len(crops), INNER, INNER, 3), np.uint8)
         for k, c in enumerate(crops):
             stacked[k] = inner(c)

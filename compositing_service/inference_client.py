@@ -13,6 +13,7 @@ from lipsync.grpc_util import create_channel
 from lipsync.proto import compositing_pb2 as cpb
 from lipsync.proto import inference_pb2 as ipb
 from lipsync.proto import inference_pb2_grpc as ipb_grpc
+from lipsync.visual import mouth_to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +33,6 @@ class Mouths:
 
 def to_paste_pixels(payload: bytes, output_type: int, batch: int) -> np.ndarray:
     """Decode an InferResponse payload into uint8 [B,320,320,3] paste pixels."""
-    from compositing_service.visual import mouth_to_uint8
-
     if output_type == ipb.UINT8:
         return np.frombuffer(payload, np.uint8).reshape(batch, 320, 320, 3)
     dtype = np.float16 if output_type == ipb.FLOAT16 else np.float32
@@ -63,7 +62,9 @@ class InferenceClient:
 
     def healthy(self, timeout_s: float = 1.0) -> bool:
         try:
-            resp = self.health_stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
+            resp = self.health_stub.Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout_s
+            )
         except grpc.RpcError:
             return False
         return resp.status == health_pb2.HealthCheckResponse.SERVING
@@ -75,9 +76,13 @@ class InferenceClient:
         return self.stub.LoadModel(cpb.LoadModelRequest(model_id=model_id), timeout=self.timeout_s)
 
     def unload_model(self, model_id: str) -> cpb.UnloadModelResponse:
-        return self.stub.UnloadModel(cpb.UnloadModelRequest(model_id=model_id), timeout=self.timeout_s)
+        return self.stub.UnloadModel(
+            cpb.UnloadModelRequest(model_id=model_id), timeout=self.timeout_s
+        )
 
-    def model_stats(self, model_id: str = "", timeout_s: float | None = None) -> cpb.GetModelStatsResponse:
+    def model_stats(
+        self, model_id: str = "", timeout_s: float | None = None
+    ) -> cpb.GetModelStatsResponse:
         return self.stub.GetModelStats(
             cpb.GetModelStatsRequest(model_id=model_id), timeout=timeout_s or self.timeout_s
         )

@@ -47,8 +47,14 @@ def _rpc_message(exc: grpc.RpcError, address: str) -> str:
 
 
 class CompositingServicer(cpb_grpc.CompositingServiceServicer):
-    def __init__(self, cfg: Config, catalog: AvatarCatalog, cache: BackgroundCache,
-                 inference: InferenceClient, compositor: Compositor):
+    def __init__(
+        self,
+        cfg: Config,
+        catalog: AvatarCatalog,
+        cache: BackgroundCache,
+        inference: InferenceClient,
+        compositor: Compositor,
+    ):
         self.cfg = cfg
         self.catalog = catalog
         self.cache = cache
@@ -67,8 +73,9 @@ class CompositingServicer(cpb_grpc.CompositingServiceServicer):
             raise BadRequest(f"batch_size must be between 1 and {limit}, got {b}")
         if req.clip_frame_offset < 0:
             raise BadRequest("clip_frame_offset must be >= 0")
-        out = ipb.InferRequest(model_id=req.model_id, batch_size=b,
-                               clip_frame_offset=req.clip_frame_offset)
+        out = ipb.InferRequest(
+            model_id=req.model_id, batch_size=b, clip_frame_offset=req.clip_frame_offset
+        )
         if req.visual_frames:
             if len(req.visual_frames) != b * VISUAL_BYTES:
                 raise BadRequest(
@@ -83,7 +90,9 @@ class CompositingServicer(cpb_grpc.CompositingServiceServicer):
             if size is None:
                 raise BadRequest(f"unknown audio_encoding {req.audio_encoding}")
             if len(req.raw_audio) % size:
-                raise BadRequest(f"raw_audio has {len(req.raw_audio)} bytes, not a multiple of {size}")
+                raise BadRequest(
+                    f"raw_audio has {len(req.raw_audio)} bytes, not a multiple of {size}"
+                )
             out.clip.pcm = req.raw_audio
             out.clip.sample_rate = req.sample_rate
             out.clip.encoding = req.audio_encoding
@@ -99,7 +108,7 @@ class CompositingServicer(cpb_grpc.CompositingServiceServicer):
             raise BadRequest("no audio: set raw_audio (PCM) or audio_features")
         return out, not req.visual_frames
 
-    def InferBatchComposite(self, request, context):  # noqa: N802
+    def InferBatchComposite(self, request, context):
         t_start = time.perf_counter()
         try:
             return self._composite(request, t_start)
@@ -117,14 +126,18 @@ class CompositingServicer(cpb_grpc.CompositingServiceServicer):
                 success=False, error=f"internal error: {type(exc).__name__}: {exc}"
             )
 
-    def _composite(self, request: cpb.CompositeBatchRequest, t_start: float) -> cpb.CompositeBatchResponse:
+    def _composite(
+        self, request: cpb.CompositeBatchRequest, t_start: float
+    ) -> cpb.CompositeBatchResponse:
         model_id = check_model_id(request.model_id)
         infer_req, own_crops = self._request_to_infer(request)
         stages: dict[str, float] = {}
         t0 = time.perf_counter()
         avatar = self.cache.get(model_id)
         stages["background_cache"] = (time.perf_counter() - t0) * 1e3
-        indices = self.compositor.background_indices(avatar, request.start_frame_idx, request.batch_size)
+        indices = self.compositor.background_indices(
+            avatar, request.start_frame_idx, request.batch_size
+        )
         crops = None
         t0 = time.perf_counter()
         if own_crops:
@@ -157,7 +170,7 @@ class CompositingServicer(cpb_grpc.CompositingServiceServicer):
         )
 
     # -- the rest ----------------------------------------------------------------------
-    def Health(self, request, context):  # noqa: N802
+    def Health(self, request, context):
         inference_ok = self.inference.healthy()
         loaded = max_models = 0
         if inference_ok:
@@ -185,7 +198,7 @@ class CompositingServicer(cpb_grpc.CompositingServiceServicer):
         log.exception("RPC failed")
         context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
 
-    def ListModels(self, request, context):  # noqa: N802
+    def ListModels(self, request, context):
         try:
             self.catalog.rescan()
             try:
@@ -213,7 +226,7 @@ class CompositingServicer(cpb_grpc.CompositingServiceServicer):
         self.catalog.get(model_id)
         return model_id
 
-    def LoadModel(self, request, context):  # noqa: N802
+    def LoadModel(self, request, context):
         try:
             t0 = time.perf_counter()
             model_id = self._known(request.model_id)
@@ -224,7 +237,7 @@ class CompositingServicer(cpb_grpc.CompositingServiceServicer):
         except Exception as exc:
             self._abort_rpc(context, exc)
 
-    def UnloadModel(self, request, context):  # noqa: N802
+    def UnloadModel(self, request, context):
         try:
             model_id = self._known(request.model_id)
             dropped = self.cache.drop(model_id)
@@ -235,7 +248,7 @@ class CompositingServicer(cpb_grpc.CompositingServiceServicer):
         except Exception as exc:
             self._abort_rpc(context, exc)
 
-    def GetModelStats(self, request, context):  # noqa: N802
+    def GetModelStats(self, request, context):
         try:
             if request.model_id:
                 self._known(request.model_id)
@@ -264,7 +277,9 @@ def start(cfg: Config, port: int | None = None, preload: bool = True) -> Running
     inference = InferenceClient(
         c.inference_address, cfg.limits.max_message_bytes, c.inference_timeout_s, c.transfer_dtype
     )
-    servicer = CompositingServicer(cfg, catalog, cache, inference, Compositor(c.jpeg_quality, c.workers))
+    servicer = CompositingServicer(
+        cfg, catalog, cache, inference, Compositor(c.jpeg_quality, c.workers)
+    )
     server = create_server(c.max_workers, cfg.limits.max_message_bytes)
     cpb_grpc.add_CompositingServiceServicer_to_server(servicer, server)
     add_health(server, [SERVICE_NAME])
@@ -274,6 +289,11 @@ def start(cfg: Config, port: int | None = None, preload: bool = True) -> Running
         threading.Thread(
             target=cache.preload, args=(c.frame_cache.preload,), name="frame-preload", daemon=True
         ).start()
-    log.info("compositing service %s listening on %s:%d (inference at %s)",
-             __version__, c.host, bound, c.inference_address)
+    log.info(
+        "compositing service %s listening on %s:%d (inference at %s)",
+        __version__,
+        c.host,
+        bound,
+        c.inference_address,
+    )
     return RunningCompositing(server, bound, servicer)

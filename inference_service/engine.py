@@ -11,16 +11,17 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from inference_service import audio
-from inference_service.networks import AudioEncoder, AvatarNetworks, load_networks
+from inference_service.networks import AudioEncoder, AvatarNetworks, BatchPolicy, load_networks
 from inference_service.registry import ModelRegistry
 from inference_service.sessions import SessionOptions
-from compositing_service.visual import visual_input  # TODO move
 from lipsync.avatar_package import AvatarCatalog
 from lipsync.config import Config
+from lipsync.visual import visual_input
 
 log = logging.getLogger(__name__)
 
@@ -68,20 +69,28 @@ class InferenceEngine:
             intra_op_threads=icfg.intra_op_threads,
             inter_op_threads=icfg.inter_op_threads,
         )
+        b = icfg.batching
+        self.batch_policy = BatchPolicy(b.enabled, b.max_batch, b.max_wait_ms / 1000.0)
         self._shared_encoder: AudioEncoder | None = None
         if icfg.shared_audio_encoder:
-            from pathlib import Path
-
-            self._shared_encoder = AudioEncoder(Path(icfg.shared_audio_encoder), self.session_opts)
+            self._shared_encoder = AudioEncoder(
+                Path(icfg.shared_audio_encoder), self.session_opts, self.batch_policy
+            )
         r = icfg.registry
         self.registry: ModelRegistry[AvatarNetworks] = ModelRegistry(
             self._load, r.max_models, r.max_bytes, r.eviction, r.idle_unload_s
         )
-        self.unet_batch = max(1, icfg.batching.max_batch)
 
     def _load(self, model_id: str) -> AvatarNetworks:
         m = self.catalog.get(model_id)
-        return load_networks(model_id, m.unet, m.audio_encoder, self._shared_encoder, self.session_opts)
+        return load_networks(
+            model_id,
+            m.unet,
+            m.audio_encoder,
+            self._shared_encoder,
+            self.session_opts,
+            self.batch_policy,
+        )
 
     def preload(self) -> None:
         ids = self.cfg.inference.registry.preload
@@ -109,7 +118,7 @@ class InferenceEngine:
         n = audio.video_frame_count(len(mel))
         lo, hi = encoder_rows_needed(n, idx)
         features = np.zeros((n, 512), np.float32)
-        features[lo:hi] = nets.encoder.encode(audio.mel_windows(mel)[lo:hi])
+        features[lo:hi] = nets.encoder.encode(audio.mel_windows(mel, lo, hi))
         # Rows outside [lo, hi) are never read by these frames (see encoder_rows_needed).
         t0 = timings.add("audio_encoder", t0)
         blocks = audio.feature_blocks(features, idx)
@@ -148,16 +157,13 @@ class InferenceEngine:
             audio_in = self.clip_blocks(nets, clip, np.arange(b) + clip_frame_offset, timings)
         else:
             assert features is not None
-            audio_in = features if len(features) == b else np.broadcast_to(features, (b, 32, 16, 16))
+            audio_in = (
+                features if len(features) == b else np.broadcast_to(features, (b, 32, 16, 16))
+            )
         t0 = time.perf_counter()
         vis = visual if visual is not None else visual_input(face_crops)
         t0 = timings.add("visual_input", t0)
-        out = np.empty((b, 3, 320, 320), np.float32)
-        for i in range(0, b, self.unet_batch):
-            j = min(b, i + self.unet_batch)
-            out[i:j] = nets.run_unet(
-                np.ascontiguousarray(vis[i:j]), np.ascontiguousarray(audio_in[i:j], np.float32)
-            )
+        out = nets.run_unet(vis, np.asarray(audio_in, np.float32))
         timings.add("unet", t0)
         self.registry.record(model_id, b, (time.perf_counter() - t_start) * 1000.0)
         return InferResult(out, timings, nets.provider)

@@ -1,4 +1,5 @@
-"""An avatar's networks in memory: the UNet and the audio encoder it uses."""
+"""An avatar's networks in memory: the UNet and the audio encoder it uses, each behind
+a dynamic batcher (or, with batching off, run one request at a time)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from inference_service.batching import DynamicBatcher
 from inference_service.sessions import (
     EncoderBinding,
     SessionOptions,
@@ -23,26 +25,56 @@ from inference_service.sessions import (
 log = logging.getLogger(__name__)
 
 
-class AudioEncoder:
-    """[n, 1, 80, 16] mel windows -> [n, 512] features, run in chunks."""
+@dataclass(frozen=True)
+class BatchPolicy:
+    enabled: bool = True
+    max_batch: int = 32
+    max_wait_s: float = 0.002
 
-    def __init__(self, path: Path, opts: SessionOptions, chunk: int = 128):
+
+class _Runner:
+    """Calls `run(*arrays)` in runs of at most max_batch rows: batched across concurrent
+    callers by a DynamicBatcher, or serialised by a lock when batching is off."""
+
+    def __init__(self, run, policy: BatchPolicy, name: str):  # type: ignore[no-untyped-def]
+        self._run = run
+        self.policy = policy
+        self._lock = threading.Lock()
+        self.batcher = (
+            DynamicBatcher(run, policy.max_batch, policy.max_wait_s, name)
+            if policy.enabled
+            else None
+        )
+
+    def __call__(self, *arrays: np.ndarray) -> np.ndarray:
+        if self.batcher is not None:
+            return self.batcher(*arrays)
+        n, step = len(arrays[0]), self.policy.max_batch
+        with self._lock:
+            parts = [self._run(*(a[i : i + step] for a in arrays)) for i in range(0, n, step)]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+class AudioEncoder:
+    """[n, 1, 80, 16] mel windows -> [n, 512] features."""
+
+    def __init__(self, path: Path, opts: SessionOptions, policy: BatchPolicy):
         self.path = path
         self.session = create_session(path, opts)
         self.binding = EncoderBinding.of(self.session, str(path))
         check_encoder(self.session, self.binding, str(path))
         self.nbytes = path.stat().st_size
-        self.chunk = chunk
         self.provider = main_provider(self.session)
+        # The encoder is small: let runs grow larger than the UNet's.
+        enc_policy = BatchPolicy(policy.enabled, max(256, policy.max_batch), policy.max_wait_s)
+        self._runner = _Runner(self._run, enc_policy, f"encoder:{path.parent.name}")
+
+    def _run(self, windows: np.ndarray) -> np.ndarray:
+        b = self.binding
+        return self.session.run([b.output], {b.input: np.ascontiguousarray(windows)})[0]
 
     def encode(self, windows: np.ndarray) -> np.ndarray:
-        n = len(windows)
-        out = np.empty((n, 512), np.float32)
-        for i in range(0, n, self.chunk):
-            out[i : i + self.chunk] = self.session.run(
-                [self.binding.output], {self.binding.input: windows[i : i + self.chunk]}
-            )[0]
-        return out
+        return self._runner(windows)
 
 
 @dataclass
@@ -54,14 +86,18 @@ class AvatarNetworks:
     own_encoder: bool
     nbytes: int
     provider: str
-    # One UNet run at a time per session: ORT already uses all intra-op threads,
-    # and concurrent runs only thrash the caches (dynamic batching merges them).
-    run_lock: threading.Lock
+    runner: _Runner
+
+    def _run(self, visual: np.ndarray, audio: np.ndarray) -> np.ndarray:
+        b = self.unet_binding
+        return self.unet.run(
+            [b.output],
+            {b.visual: np.ascontiguousarray(visual), b.audio: np.ascontiguousarray(audio)},
+        )[0]
 
     def run_unet(self, visual: np.ndarray, audio: np.ndarray) -> np.ndarray:
-        b = self.unet_binding
-        with self.run_lock:
-            return self.unet.run([b.output], {b.visual: visual, b.audio: audio})[0]
+        """[B,6,320,320] + [B,32,16,16] -> [B,3,320,320], batched with concurrent callers."""
+        return self.runner(visual, audio)
 
 
 def load_networks(
@@ -70,12 +106,13 @@ def load_networks(
     encoder_path: Path | None,
     shared_encoder: AudioEncoder | None,
     opts: SessionOptions,
+    policy: BatchPolicy,
 ) -> AvatarNetworks:
     unet = create_session(unet_path, opts)
     binding = UNetBinding.of(unet, str(unet_path))
     check_unet(unet, binding, str(unet_path))
     if encoder_path is not None:
-        encoder, own = AudioEncoder(encoder_path, opts), True
+        encoder, own = AudioEncoder(encoder_path, opts, policy), True
     elif shared_encoder is not None:
         encoder, own = shared_encoder, False
     else:
@@ -83,14 +120,15 @@ def load_networks(
             f"model {model_id!r} has no audio_encoder.onnx and no shared audio encoder is "
             "configured (inference.shared_audio_encoder)"
         )
-    nbytes = unet_path.stat().st_size + (encoder.nbytes if own else 0)
-    return AvatarNetworks(
+    nets = AvatarNetworks(
         model_id=model_id,
         unet=unet,
         unet_binding=binding,
         encoder=encoder,
         own_encoder=own,
-        nbytes=nbytes,
+        nbytes=unet_path.stat().st_size + (encoder.nbytes if own else 0),
         provider=main_provider(unet),
-        run_lock=threading.Lock(),
+        runner=None,  # type: ignore[arg-type]
     )
+    nets.runner = _Runner(nets._run, policy, f"unet:{model_id}")
+    return nets

@@ -168,7 +168,9 @@ class ModelRegistry(Generic[M]):
 
     def _victim(self) -> str:
         if self.eviction == "lfu":
-            return min(self._entries, key=lambda k: (self._entries[k].uses, self._entries[k].last_used))
+            return min(
+                self._entries, key=lambda k: (self._entries[k].uses, self._entries[k].last_used)
+            )
         return min(self._entries, key=lambda k: self._entries[k].last_used)
 
     def _make_room(self, incoming_bytes: int) -> None:

@@ -21,6 +21,7 @@ from lipsync.grpc_util import add_health, bind, create_server
 from lipsync.proto import compositing_pb2 as cpb
 from lipsync.proto import inference_pb2 as ipb
 from lipsync.proto import inference_pb2_grpc as ipb_grpc
+from lipsync.visual import mouth_to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,6 @@ def encode_mouths(mouths: np.ndarray, output_type: int) -> bytes:
     if output_type == ipb.FLOAT16:
         return mouths.astype(np.float16).tobytes()
     if output_type == ipb.UINT8:
-        from compositing_service.visual import mouth_to_uint8
-
         return mouth_to_uint8(mouths).tobytes()
     return mouths.tobytes()
 
@@ -125,7 +124,9 @@ class InferenceServicer(ipb_grpc.InferenceServiceServicer):
                 raise _bad("audio_features contains NaN or infinite values")
         else:
             raise _bad("audio is required (clip or audio_features)")
-        return DecodedInfer(req.model_id, b, face_crops, visual, clip, features, req.clip_frame_offset)
+        return DecodedInfer(
+            req.model_id, b, face_crops, visual, clip, features, req.clip_frame_offset
+        )
 
     def _model_id(self, model_id: str) -> str:
         try:
@@ -156,7 +157,7 @@ class InferenceServicer(ipb_grpc.InferenceServiceServicer):
             context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
 
     # -- RPCs --------------------------------------------------------------------------
-    def Infer(self, request, context):  # noqa: N802
+    def Infer(self, request, context):
         return self._guard(context, self._infer, request)
 
     def _infer(self, request: ipb.InferRequest) -> ipb.InferResponse:
@@ -187,7 +188,7 @@ class InferenceServicer(ipb_grpc.InferenceServiceServicer):
             execution_provider=res.provider,
         )
 
-    def ComputeAudioFeatures(self, request, context):  # noqa: N802
+    def ComputeAudioFeatures(self, request, context):
         return self._guard(context, self._features, request)
 
     def _features(self, request: ipb.AudioFeaturesRequest) -> ipb.AudioFeaturesResponse:
@@ -198,7 +199,7 @@ class InferenceServicer(ipb_grpc.InferenceServiceServicer):
             features=blocks.tobytes(), frame_count=len(blocks), stage_times_ms=timings.ms
         )
 
-    def ListModels(self, request, context):  # noqa: N802
+    def ListModels(self, request, context):
         return self._guard(context, self._list)
 
     def _list(self) -> cpb.ListModelsResponse:
@@ -211,7 +212,7 @@ class InferenceServicer(ipb_grpc.InferenceServiceServicer):
             ]
         )
 
-    def LoadModel(self, request, context):  # noqa: N802
+    def LoadModel(self, request, context):
         return self._guard(context, self._load, request)
 
     def _load(self, request: cpb.LoadModelRequest) -> cpb.LoadModelResponse:
@@ -220,7 +221,7 @@ class InferenceServicer(ipb_grpc.InferenceServiceServicer):
         self.engine.registry.load(request.model_id)
         return cpb.LoadModelResponse(success=True, load_time_ms=(time.perf_counter() - t0) * 1e3)
 
-    def UnloadModel(self, request, context):  # noqa: N802
+    def UnloadModel(self, request, context):
         return self._guard(context, self._unload, request)
 
     def _unload(self, request: cpb.UnloadModelRequest) -> cpb.UnloadModelResponse:
@@ -229,7 +230,7 @@ class InferenceServicer(ipb_grpc.InferenceServiceServicer):
             return cpb.UnloadModelResponse(success=False, error=f"{request.model_id} is not loaded")
         return cpb.UnloadModelResponse(success=True)
 
-    def GetModelStats(self, request, context):  # noqa: N802
+    def GetModelStats(self, request, context):
         return self._guard(context, self._stats, request)
 
     def _stats(self, request: cpb.GetModelStatsRequest) -> cpb.GetModelStatsResponse:
@@ -276,7 +277,9 @@ class RunningInference:
         self.engine.close()
 
 
-def start(cfg: Config, port: int | None = None, engine: InferenceEngine | None = None) -> RunningInference:
+def start(
+    cfg: Config, port: int | None = None, engine: InferenceEngine | None = None
+) -> RunningInference:
     """Start the inference service (non-blocking). `port=0` binds a free port."""
     engine = engine or InferenceEngine(cfg)
     server = create_server(cfg.inference.max_workers, cfg.limits.max_message_bytes)

@@ -16,6 +16,7 @@ catalog built by scanning the root, never joined onto a path.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
@@ -54,7 +55,9 @@ def check_model_id(model_id: str) -> str:
     if not isinstance(model_id, str) or not model_id:
         raise UnknownModelError("model_id is empty")
     if not MODEL_ID_PATTERN.match(model_id) or ".." in model_id:
-        raise UnknownModelError(f"invalid model_id {model_id!r}: use letters, digits, '_', '-', '.'")
+        raise UnknownModelError(
+            f"invalid model_id {model_id!r}: use letters, digits, '_', '-', '.'"
+        )
     return model_id
 
 
@@ -140,7 +143,7 @@ def list_frame_files(frames_dir: Path) -> list[Path]:
             raise AvatarError(f"{p}: frame file name has no number")
         files.append((int(numbers[-1]), p.name, p))
     files.sort()
-    for (a, _, pa), (b, _, pb) in zip(files, files[1:], strict=False):
+    for (a, _, pa), (b, _, pb) in itertools.pairwise(files):
         if a == b:
             raise AvatarError(f"{pa.name} and {pb.name} have the same frame number {a}")
     if not files:

@@ -160,9 +160,7 @@ def _build(cls: Any, data: dict[str, Any], where: str) -> Any:
     unknown = set(data) - names
     if unknown:
         raise ConfigError(f"{where or 'config'}: unknown key(s) {sorted(unknown)}")
-    kwargs = {
-        k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()
-    }
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
     return cls(**kwargs)
 
 
@@ -191,7 +189,7 @@ def _env_overrides(env: typing.Mapping[str, str]) -> dict[str, Any]:
         put(["compositing", "inference_address"], env["INFERENCE_ADDRESS"])
     for key, raw in env.items():
         if key.startswith("LIPSYNC_") and key != "LIPSYNC_CONFIG":
-            put([p.lower() for p in key[len("LIPSYNC_"):].split("__")], raw)
+            put([p.lower() for p in key[len("LIPSYNC_") :].split("__")], raw)
     # Values such as "cuda,cpu" parse as strings; _coerce splits them for lists.
     return out
 

@@ -131,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     log.info(
         "ready in %.1f s: clients connect to %s (inference on localhost:%d); Ctrl-C stops",
-        time.perf_counter() - t0, services.address, services.inference_port,
+        time.perf_counter() - t0,
+        services.address,
+        services.inference_port,
     )
     try:
         while not stop.is_set():

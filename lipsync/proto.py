@@ -17,10 +17,10 @@ if str(PROTO_DIR) not in sys.path:
     sys.path.insert(0, str(PROTO_DIR))
 
 try:
-    import compositing_pb2  # noqa: E402
-    import compositing_pb2_grpc  # noqa: E402
-    import inference_pb2  # noqa: E402
-    import inference_pb2_grpc  # noqa: E402
+    import compositing_pb2
+    import compositing_pb2_grpc
+    import inference_pb2
+    import inference_pb2_grpc
 except ImportError as exc:  # pragma: no cover - only before `make setup`
     raise ImportError(
         f"generated protocol stubs are missing in {PROTO_DIR}: run `make setup` "

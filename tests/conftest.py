@@ -18,8 +18,16 @@ def avatars_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("avatars")
     make_avatar(root, "alice", n_frames=7, width=256, height=224, seed=0)
     # No own encoder (uses the shared one), JPEG frames with padded numbers.
-    make_avatar(root, "bob", n_frames=5, width=200, height=240, seed=3, own_encoder=False,
-                frame_name="frame_{i:04d}.png")
+    make_avatar(
+        root,
+        "bob",
+        n_frames=5,
+        width=200,
+        height=240,
+        seed=3,
+        own_encoder=False,
+        frame_name="frame_{i:04d}.png",
+    )
     return root
 
 

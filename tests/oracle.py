@@ -38,12 +38,16 @@ def decode_jpeg(data: bytes) -> np.ndarray:
 class Oracle:
     def __init__(self, folder: Path, encoder_path: Path | None = None):
         manifest = yaml.safe_load((folder / "avatar.yaml").read_text())
-        files = sorted((folder / manifest["frames"]).iterdir(),
-                       key=lambda p: int("".join(c for c in p.stem if c.isdigit())))
+        files = sorted(
+            (folder / manifest["frames"]).iterdir(),
+            key=lambda p: int("".join(c for c in p.stem if c.isdigit())),
+        )
         self.frames = [cv2.imread(str(f)) for f in files]
         self.rects = json.loads((folder / manifest["crop_rects"]).read_text())
         enc = folder / manifest["audio_encoder"] if manifest.get("audio_encoder") else encoder_path
-        self.unet = ort.InferenceSession(str(folder / manifest["unet"]), providers=["CPUExecutionProvider"])
+        self.unet = ort.InferenceSession(
+            str(folder / manifest["unet"]), providers=["CPUExecutionProvider"]
+        )
         self.enc = ort.InferenceSession(str(enc), providers=["CPUExecutionProvider"])
 
     def encode(self, windows: np.ndarray) -> np.ndarray:
@@ -71,6 +75,8 @@ class Oracle:
         pred = self.mouth(vis if visual is None else visual, block)
         return ref.ref_paste(self.frames[i], self.rects[i], crop, pred)
 
-    def clip_frames(self, wav16k: np.ndarray, batch: int, start: int = 0, offset: int = 0) -> list[np.ndarray]:
+    def clip_frames(
+        self, wav16k: np.ndarray, batch: int, start: int = 0, offset: int = 0
+    ) -> list[np.ndarray]:
         blocks = self.blocks(wav16k, [offset + k for k in range(batch)])
         return [self.frame(start + k, blocks[k]) for k in range(batch)]

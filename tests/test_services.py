@@ -25,7 +25,10 @@ REPO = Path(__file__).resolve().parent.parent
 def stub(services):
     channel = grpc.insecure_channel(
         services.address,
-        options=[("grpc.max_send_message_length", 1 << 28), ("grpc.max_receive_message_length", 1 << 28)],
+        options=[
+            ("grpc.max_send_message_length", 1 << 28),
+            ("grpc.max_receive_message_length", 1 << 28),
+        ],
     )
     yield cpb_grpc.CompositingServiceStub(channel)
     channel.close()
@@ -43,7 +46,8 @@ def worst_psnr(jpegs, expected) -> float:
     """Worst-frame PSNR of served JPEGs against reference frames put through the same JPEG
     quality: the JPEG loss cancels, so any difference is a semantic one."""
     return min(
-        psnr(decode_jpeg(j), jpeg_roundtrip(e, QUALITY)) for j, e in zip(jpegs, expected, strict=True)
+        psnr(decode_jpeg(j), jpeg_roundtrip(e, QUALITY))
+        for j, e in zip(jpegs, expected, strict=True)
     )
 
 
@@ -58,8 +62,9 @@ def test_raw_audio_frames_match_reference(stub, services, avatars_root, clip):
     oracle = Oracle(avatars_root / "alice")
     # 1.6 s -> T = 129 mel frames, n = 37, the clip yields 39 frames; ask for 10 from frame 0.
     resp = stub.InferBatchComposite(
-        cpb.CompositeBatchRequest(model_id="alice", raw_audio=clip.tobytes(), batch_size=10,
-                                  start_frame_idx=4)
+        cpb.CompositeBatchRequest(
+            model_id="alice", raw_audio=clip.tobytes(), batch_size=10, start_frame_idx=4
+        )
     )
     expected = oracle.clip_frames(clip, batch=10, start=4, offset=0)
     assert_frames_match(resp, expected)
@@ -69,8 +74,13 @@ def test_raw_audio_frames_match_reference(stub, services, avatars_root, clip):
 def test_frames_past_the_clip_end_and_offset(stub, avatars_root, clip):
     oracle = Oracle(avatars_root / "alice")
     resp = stub.InferBatchComposite(
-        cpb.CompositeBatchRequest(model_id="alice", raw_audio=clip.tobytes(), batch_size=8,
-                                  start_frame_idx=11, clip_frame_offset=35)
+        cpb.CompositeBatchRequest(
+            model_id="alice",
+            raw_audio=clip.tobytes(),
+            batch_size=8,
+            start_frame_idx=11,
+            clip_frame_offset=35,
+        )
     )
     expected = oracle.clip_frames(clip, batch=8, start=11, offset=35)  # frames 35..42, clip has 39
     assert_frames_match(resp, expected)
@@ -93,8 +103,13 @@ def test_int16_audio_at_44k1_is_resampled(stub, avatars_root):
     sig44 = speech_like(1.2, sr=44100, seed=8)
     pcm16 = np.round(sig44 * 32767).astype("<i2")
     resp = stub.InferBatchComposite(
-        cpb.CompositeBatchRequest(model_id="alice", raw_audio=pcm16.tobytes(), sample_rate=44100,
-                                  audio_encoding=cpb.PCM_S16LE, batch_size=5)
+        cpb.CompositeBatchRequest(
+            model_id="alice",
+            raw_audio=pcm16.tobytes(),
+            sample_rate=44100,
+            audio_encoding=cpb.PCM_S16LE,
+            batch_size=5,
+        )
     )
     wav16 = ref.ref_resample(pcm16.astype(np.float32) / 32768.0, 44100)
     assert_frames_match(resp, oracle.clip_frames(wav16, batch=5))
@@ -103,7 +118,9 @@ def test_int16_audio_at_44k1_is_resampled(stub, avatars_root):
 def test_shared_encoder_avatar(stub, avatars_root, shared_encoder, clip):
     oracle = Oracle(avatars_root / "bob", encoder_path=shared_encoder)
     resp = stub.InferBatchComposite(
-        cpb.CompositeBatchRequest(model_id="bob", raw_audio=clip.tobytes(), batch_size=9, start_frame_idx=2)
+        cpb.CompositeBatchRequest(
+            model_id="bob", raw_audio=clip.tobytes(), batch_size=9, start_frame_idx=2
+        )
     )
     assert_frames_match(resp, oracle.clip_frames(clip, batch=9, start=2))
 
@@ -114,8 +131,13 @@ def test_existing_client_request_visual_frames_and_one_feature_block(stub, avata
     visual = rng.random((24, 6, 320, 320), dtype=np.float32)
     block = rng.standard_normal((32, 16, 16)).astype(np.float32)
     resp = stub.InferBatchComposite(
-        cpb.CompositeBatchRequest(model_id="alice", visual_frames=visual.tobytes(),
-                                  audio_features=block.tobytes(), batch_size=24, start_frame_idx=0)
+        cpb.CompositeBatchRequest(
+            model_id="alice",
+            visual_frames=visual.tobytes(),
+            audio_features=block.tobytes(),
+            batch_size=24,
+            start_frame_idx=0,
+        )
     )
     assert resp.success, resp.error
     assert len(resp.composited_frames) == 24
@@ -144,16 +166,33 @@ BAD_REQUESTS = {
     "zero batch": (dict(model_id="alice", batch_size=0), "batch_size"),
     "batch too large": (dict(model_id="alice", batch_size=10_000), "batch_size"),
     "no audio": (dict(model_id="alice", batch_size=2, no_audio=True), "no audio"),
-    "wrong visual size": (dict(model_id="alice", batch_size=2, visual_frames=b"\0" * 1000), "visual_frames"),
-    "wrong feature size": (dict(model_id="alice", batch_size=2, audio_features=b"\0" * 100), "audio_features"),
+    "wrong visual size": (
+        dict(model_id="alice", batch_size=2, visual_frames=b"\0" * 1000),
+        "visual_frames",
+    ),
+    "wrong feature size": (
+        dict(model_id="alice", batch_size=2, audio_features=b"\0" * 100),
+        "audio_features",
+    ),
     "odd pcm bytes": (dict(model_id="alice", batch_size=2, raw_audio=b"\0" * 4001), "multiple"),
     "audio too short": (dict(model_id="alice", batch_size=2, raw_audio=b"\0" * 400), "short"),
-    "nan audio": (dict(model_id="alice", batch_size=2,
-                       raw_audio=np.full(8000, np.nan, np.float32).tobytes()), "NaN"),
-    "bad sample rate": (dict(model_id="alice", batch_size=2, sample_rate=7,
-                             raw_audio=np.zeros(8000, np.float32).tobytes()), "rate"),
-    "too long audio": (dict(model_id="alice", batch_size=2,
-                            raw_audio=np.zeros(16000 * 31, np.float32).tobytes()), "long"),
+    "nan audio": (
+        dict(model_id="alice", batch_size=2, raw_audio=np.full(8000, np.nan, np.float32).tobytes()),
+        "NaN",
+    ),
+    "bad sample rate": (
+        dict(
+            model_id="alice",
+            batch_size=2,
+            sample_rate=7,
+            raw_audio=np.zeros(8000, np.float32).tobytes(),
+        ),
+        "rate",
+    ),
+    "too long audio": (
+        dict(model_id="alice", batch_size=2, raw_audio=np.zeros(16000 * 31, np.float32).tobytes()),
+        "long",
+    ),
 }
 
 
@@ -187,7 +226,11 @@ def test_health_list_load_unload_stats(stub, services):
     assert stub.LoadModel(cpb.LoadModelRequest(model_id="bob")).success
     models = {m.model_id: m for m in stub.ListModels(cpb.ListModelsRequest()).models}
     assert models["bob"].loaded and models["bob"].frames_cached
-    assert (models["bob"].frame_count, models["bob"].frame_width, models["bob"].frame_height) == (5, 200, 240)
+    assert (models["bob"].frame_count, models["bob"].frame_width, models["bob"].frame_height) == (
+        5,
+        200,
+        240,
+    )
     stats = stub.GetModelStats(cpb.GetModelStatsRequest(model_id="bob"))
     assert stats.stats[0].loaded and stats.stats[0].memory_bytes > 0
     assert stub.UnloadModel(cpb.UnloadModelRequest(model_id="bob")).success
@@ -233,9 +276,16 @@ def test_inference_down_is_a_clean_error(avatars_root, shared_encoder, clip):
 
 
 def test_existing_clients_import_the_stub_modules():
-    code = "import compositing_pb2, compositing_pb2_grpc; print(compositing_pb2.CompositeBatchRequest.DESCRIPTOR.fields_by_name['start_frame_idx'].number)"
+    code = (
+        "import compositing_pb2, compositing_pb2_grpc\n"
+        "f = compositing_pb2.CompositeBatchRequest.DESCRIPTOR.fields_by_name\n"
+        "print(f['start_frame_idx'].number)"
+    )
     out = subprocess.run(
-        [sys.executable, "-c", code], env={"PYTHONPATH": str(REPO / "shared_proto")},
-        capture_output=True, text=True, check=True,
+        [sys.executable, "-c", code],
+        env={"PYTHONPATH": str(REPO / "shared_proto")},
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert out.stdout.strip() == "5"
