@@ -68,6 +68,7 @@ class InferenceEngine:
             device_id=icfg.device_id,
             intra_op_threads=icfg.intra_op_threads,
             inter_op_threads=icfg.inter_op_threads,
+            cuda_fp16=icfg.cuda_fp16,
         )
         b = icfg.batching
         self.batch_policy = BatchPolicy(b.enabled, b.max_batch, b.max_wait_ms / 1000.0)

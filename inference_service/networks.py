@@ -108,7 +108,7 @@ def load_networks(
     opts: SessionOptions,
     policy: BatchPolicy,
 ) -> AvatarNetworks:
-    unet = create_session(unet_path, opts)
+    unet = create_session(unet_path, opts, fp16_ok=True)
     binding = UNetBinding.of(unet, str(unet_path))
     check_unet(unet, binding, str(unet_path))
     if encoder_path is not None:

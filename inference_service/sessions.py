@@ -56,10 +56,28 @@ class SessionOptions:
     device_id: int = 0
     intra_op_threads: int = 0
     inter_op_threads: int = 1
+    # Convert to float16 (inputs/outputs stay float32) when running on CUDA.
+    cuda_fp16: bool = False
 
 
-def create_session(path: Path | str | bytes, opts: SessionOptions) -> ort.InferenceSession:
-    """An inference session on the first provider that works, logging what it runs on."""
+def to_float16(model_path: Path) -> bytes:
+    """The model with float16 weights and compute, keeping float32 inputs and outputs."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(model_path))
+    # Resize's scales/roi and Sigmoid stay valid in fp16; keep_io_types adds the casts.
+    return convert_float_to_float16(model, keep_io_types=True).SerializeToString()
+
+
+def create_session(
+    path: Path | str | bytes, opts: SessionOptions, fp16_ok: bool = False
+) -> ort.InferenceSession:
+    """An inference session on the first provider that works, logging what it runs on.
+
+    With `fp16_ok` and `opts.cuda_fp16`, a model about to run on CUDA is converted to
+    float16 first; on CPU it stays float32 (float16 convolutions are slow there).
+    """
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -69,6 +87,10 @@ def create_session(path: Path | str | bytes, opts: SessionOptions) -> ort.Infere
     so.log_severity_level = 3
     providers = resolve_providers(list(opts.providers), opts.device_id)
     model = str(path) if isinstance(path, Path) else path
+    first = providers[0] if isinstance(providers[0], str) else providers[0][0]
+    if fp16_ok and opts.cuda_fp16 and first != "CPUExecutionProvider" and isinstance(path, Path):
+        log.info("converting %s to float16 for %s", path, first)
+        model = to_float16(path)
     sess = ort.InferenceSession(model, sess_options=so, providers=providers)
     wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
     got = sess.get_providers()

@@ -1,0 +1,361 @@
+"""A small Python client of the compositing service (port 50052).
+
+    from lipsync.client import LipsyncClient, load_audio
+
+    audio, seconds = load_audio("speech.wav")          # float32 mono 16 kHz
+    with LipsyncClient("localhost:50052") as client:
+        for jpeg in client.render("alice", audio):     # one JPEG per 25 fps video frame
+            ...
+
+`render` sends the whole clip with every batch request (as 16-bit PCM, half the bytes of
+float32) and steps `clip_frame_offset` and `start_frame_idx` by the batch size, so the
+frames are those of the clip as one piece, however it is cut into batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+import grpc
+import numpy as np
+
+from inference_service.audio import MIN_SAMPLES, SAMPLE_RATE, clip_frame_count
+from lipsync.proto import compositing_pb2 as cpb
+from lipsync.proto import compositing_pb2_grpc as cpb_grpc
+
+__all__ = [
+    "MIN_SAMPLES",
+    "SAMPLE_RATE",
+    "BatchResult",
+    "LipsyncClient",
+    "LipsyncError",
+    "clip_frames",
+    "load_audio",
+    "pad_audio",
+    "to_pcm16",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ADDRESS = "localhost:50052"
+MAX_MESSAGE_BYTES = 256 << 20  # the services' default limits.max_message_bytes
+HOP = 200  # audio samples per mel frame at 16 kHz
+
+
+class LipsyncError(RuntimeError):
+    """A request the service refused or could not answer.
+
+    `code` is the gRPC status code when the call itself failed (None when the service
+    answered `success=false`).
+    """
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class BatchResult:
+    """What one `InferBatchComposite` request returned."""
+
+    frames: list[bytes]  # JPEG bytes, one per frame, in order
+    background_frame_indices: list[int]
+    inference_time_ms: float = 0.0
+    composite_time_ms: float = 0.0
+    total_time_ms: float = 0.0
+    stage_times_ms: dict[str, float] = field(default_factory=dict)
+    gpu_id: int = 0
+
+
+# -- audio ----------------------------------------------------------------------------------
+def clip_frames(n_samples: int) -> int:
+    """Video frames (25 fps) a 16 kHz clip of `n_samples` samples yields.
+
+    `T = 1 + n_samples // 200` mel frames give `n + 2` frames with
+    `n = int((T - 16) / 80 * 25) + 2`; clips shorter than `MIN_SAMPLES` (3000) are refused
+    by the service (pad them with `pad_audio`).
+    """
+    return clip_frame_count(1 + int(n_samples) // HOP)
+
+
+def pad_audio(audio16k: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Zero-pad a clip shorter than `MIN_SAMPLES` to that length; returns (audio, padded)."""
+    x = np.asarray(audio16k).reshape(-1)
+    if x.size >= MIN_SAMPLES:
+        return x, False
+    out = np.zeros(MIN_SAMPLES, dtype=x.dtype)
+    out[: x.size] = x
+    return out, True
+
+
+def to_pcm16(audio: np.ndarray) -> np.ndarray:
+    """Float samples in [-1, 1] to int16 (clipped, rounded); int16 input is returned as is."""
+    x = np.asarray(audio).reshape(-1)
+    if x.dtype == np.int16:
+        return x
+    y = np.clip(np.rint(x.astype(np.float64) * 32768.0), -32768, 32767)
+    return y.astype(np.int16)
+
+
+def _resample_to_16k(x: np.ndarray, sr: int) -> np.ndarray:
+    """soxr HQ resampling with librosa's output length (``ceil(n * 16000 / sr)``)."""
+    import soxr
+
+    n_out = int(np.ceil(x.size * SAMPLE_RATE / sr))
+    y = np.asarray(soxr.resample(x, sr, SAMPLE_RATE, quality="HQ"), dtype=np.float32)
+    if y.size >= n_out:
+        return np.ascontiguousarray(y[:n_out])
+    out = np.zeros(n_out, dtype=np.float32)
+    out[: y.size] = y
+    return out
+
+
+def load_audio(path: str | Path) -> tuple[np.ndarray, float]:
+    """Read an audio file as float32 mono 16 kHz samples; returns (samples, seconds).
+
+    wav/flac/ogg (and mp3 where libsndfile supports it) are read with soundfile, anything
+    soundfile cannot read with librosa. Channels are averaged to mono, then any other rate
+    is resampled with soxr (HQ). Raises `LipsyncError` when the file cannot be read.
+    """
+    import soundfile as sf
+
+    p = Path(path)
+    if not p.is_file():
+        raise LipsyncError(f"audio file not found: {p}")
+    try:
+        data, sr = sf.read(str(p), dtype="float32", always_2d=True)
+        x = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as sf_exc:
+        try:
+            import librosa
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # its audioread fallback's warnings
+                x, sr = librosa.load(str(p), sr=None, mono=True)
+        except Exception as exc:
+            raise LipsyncError(f"cannot read audio file {p}: {sf_exc}; {exc}") from exc
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.size == 0:
+        raise LipsyncError(f"audio file {p} has no samples")
+    if not np.isfinite(x).all():
+        raise LipsyncError(f"audio file {p} contains NaN or infinite samples")
+    if sr != SAMPLE_RATE:
+        x = _resample_to_16k(x, int(sr))
+    return x, x.size / SAMPLE_RATE
+
+
+# -- the client -----------------------------------------------------------------------------
+class LipsyncClient:
+    """Client of the compositing service; a context manager that closes its channel.
+
+    Calls that fail at the gRPC level (service unreachable, unknown model in
+    `load_model`, deadline exceeded, ...) raise `LipsyncError` with a readable message,
+    and so does a render request the service answers with `success=false`.
+    """
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, timeout_s: float = 60.0,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES):
+        self.address = address
+        self.timeout_s = timeout_s
+        self._channel = grpc.insecure_channel(
+            address,
+            options=[
+                ("grpc.max_send_message_length", max_message_bytes),
+                ("grpc.max_receive_message_length", max_message_bytes),
+            ],
+        )
+        self._stub = cpb_grpc.CompositingServiceStub(self._channel)
+
+    # context manager -----------------------------------------------------------------------
+    def close(self) -> None:
+        """Close the channel."""
+        self._channel.close()
+
+    def __enter__(self) -> LipsyncClient:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # plumbing ------------------------------------------------------------------------------
+    def _call(self, method: str, request: object, timeout_s: float | None = None) -> object:
+        try:
+            return getattr(self._stub, method)(
+                request, timeout=self.timeout_s if timeout_s is None else timeout_s
+            )
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else None
+            details = exc.details() if hasattr(exc, "details") else str(exc)
+            if code == grpc.StatusCode.UNAVAILABLE:
+                msg = f"cannot reach the compositing service at {self.address}: {details}"
+            elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                msg = f"the compositing service at {self.address} did not answer in time"
+            else:
+                msg = details or f"{method} failed: {code}"
+            raise LipsyncError(msg, code) from None
+
+    # simple RPCs ---------------------------------------------------------------------------
+    def health(self, timeout_s: float | None = None) -> cpb.HealthResponse:
+        """The service's `HealthResponse` (healthy, loaded_models, inference health, ...)."""
+        return self._call("Health", cpb.HealthRequest(), timeout_s)  # type: ignore[return-value]
+
+    def list_models(self) -> list[cpb.ModelInfo]:
+        """Every avatar the service knows, with whether it is loaded and its frame sizes."""
+        resp = self._call("ListModels", cpb.ListModelsRequest())
+        return list(resp.models)  # type: ignore[attr-defined]
+
+    def load_model(self, model_id: str) -> float:
+        """Load an avatar's networks and frames; returns the load time in ms."""
+        resp = self._call("LoadModel", cpb.LoadModelRequest(model_id=model_id))
+        if not resp.success:  # type: ignore[attr-defined]
+            raise LipsyncError(resp.error or f"loading {model_id!r} failed")  # type: ignore[attr-defined]
+        return float(resp.load_time_ms)  # type: ignore[attr-defined]
+
+    def unload_model(self, model_id: str) -> bool:
+        """Unload an avatar; returns False when it was not loaded (the service's error)."""
+        resp = self._call("UnloadModel", cpb.UnloadModelRequest(model_id=model_id))
+        return bool(resp.success)  # type: ignore[attr-defined]
+
+    def model_stats(self, model_id: str = "") -> cpb.GetModelStatsResponse:
+        """Per-model statistics (`stats`) and registry totals; empty id: every model."""
+        return self._call(  # type: ignore[return-value]
+            "GetModelStats", cpb.GetModelStatsRequest(model_id=model_id)
+        )
+
+    # rendering -----------------------------------------------------------------------------
+    def composite_batch(
+        self,
+        model_id: str,
+        batch_size: int,
+        *,
+        audio: np.ndarray | None = None,
+        audio_features: np.ndarray | bytes | None = None,
+        visual_frames: np.ndarray | bytes | None = None,
+        start_frame_idx: int = 0,
+        clip_frame_offset: int = 0,
+        sample_rate: int = SAMPLE_RATE,
+    ) -> BatchResult:
+        """Render `batch_size` frames with one `InferBatchComposite` request.
+
+        `audio` is the whole clip: float32 samples (sent as PCM_F32LE) or int16 samples
+        (sent as PCM_S16LE) at `sample_rate`; output frame k is the clip's frame
+        `clip_frame_offset + k`, its background `pingpong(start_frame_idx + k)`.
+        `audio_features` (float32 [B, 32, 16, 16] or [32, 16, 16]) and `visual_frames`
+        (float32 [B, 6, 320, 320]) are passed through as raw bytes.
+        Raises `LipsyncError` with the service's message when it answers success=false.
+        """
+        req = cpb.CompositeBatchRequest(
+            model_id=model_id,
+            batch_size=batch_size,
+            start_frame_idx=start_frame_idx,
+            clip_frame_offset=clip_frame_offset,
+        )
+        if audio is not None:
+            a = np.asarray(audio).reshape(-1)
+            if a.dtype == np.int16:
+                req.raw_audio = a.astype("<i2", copy=False).tobytes()
+                req.audio_encoding = cpb.PCM_S16LE
+            else:
+                req.raw_audio = a.astype("<f4", copy=False).tobytes()
+                req.audio_encoding = cpb.PCM_F32LE
+            req.sample_rate = 0 if sample_rate == SAMPLE_RATE else int(sample_rate)
+        if audio_features is not None:
+            req.audio_features = _as_f32_bytes(audio_features)
+        if visual_frames is not None:
+            req.visual_frames = _as_f32_bytes(visual_frames)
+        resp = self._call("InferBatchComposite", req)
+        if not resp.success:  # type: ignore[attr-defined]
+            raise LipsyncError(resp.error or "InferBatchComposite failed")  # type: ignore[attr-defined]
+        return BatchResult(
+            frames=list(resp.composited_frames),  # type: ignore[attr-defined]
+            background_frame_indices=list(resp.background_frame_indices),  # type: ignore[attr-defined]
+            inference_time_ms=resp.inference_time_ms,  # type: ignore[attr-defined]
+            composite_time_ms=resp.composite_time_ms,  # type: ignore[attr-defined]
+            total_time_ms=resp.total_time_ms,  # type: ignore[attr-defined]
+            stage_times_ms=dict(resp.stage_times_ms),  # type: ignore[attr-defined]
+            gpu_id=resp.gpu_id,  # type: ignore[attr-defined]
+        )
+
+    def render(
+        self,
+        model_id: str,
+        audio16k: np.ndarray,
+        batch_size: int = 24,
+        start_frame_idx: int = 0,
+        on_progress: Callable[[int, int], None] | None = None,
+        *,
+        in_flight: int = 2,
+        pcm16: bool = True,
+    ) -> Iterator[bytes]:
+        """Yield every JPEG frame of one clip, in order.
+
+        `audio16k` is the clip at 16 kHz mono (float32 in [-1, 1], or int16). It yields
+        `clip_frames(len(audio16k))` frames; a clip shorter than 3000 samples is zero-padded
+        to 3000 first (with a warning). The clip goes with each batch request as 16-bit PCM
+        (`pcm16=False`: float32). Up to `in_flight` requests run at a time to hide latency;
+        frames still come out in order. `on_progress(done, total)` is called after each
+        batch. Errors raise `LipsyncError`.
+        """
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        audio, padded = pad_audio(np.asarray(audio16k))
+        if padded:
+            log.warning("audio shorter than %d samples (%.4f s): padded with silence",
+                        MIN_SAMPLES, MIN_SAMPLES / SAMPLE_RATE)
+        audio = to_pcm16(audio) if pcm16 else np.asarray(audio, dtype=np.float32)
+        total = clip_frames(audio.size)
+        offsets = range(0, total, batch_size)
+
+        def one(offset: int) -> BatchResult:
+            return self.composite_batch(
+                model_id, min(batch_size, total - offset), audio=audio,
+                start_frame_idx=start_frame_idx + offset, clip_frame_offset=offset,
+            )
+
+        return self._ordered(offsets, one, total, max(1, in_flight), on_progress)
+
+    def _ordered(
+        self,
+        offsets: range,
+        one: Callable[[int], BatchResult],
+        total: int,
+        in_flight: int,
+        on_progress: Callable[[int, int], None] | None,
+    ) -> Iterator[bytes]:
+        pool = ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="lipsync-render")
+        pending: deque[Future[BatchResult]] = deque()
+        todo = iter(offsets)
+        done = 0
+        try:
+            for offset in todo:
+                pending.append(pool.submit(one, offset))
+                if len(pending) >= in_flight:
+                    break
+            while pending:
+                result = pending.popleft().result()
+                nxt = next(todo, None)
+                if nxt is not None:
+                    pending.append(pool.submit(one, nxt))
+                done += len(result.frames)
+                if on_progress is not None:
+                    on_progress(done, total)
+                yield from result.frames
+        finally:
+            for f in pending:
+                f.cancel()
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _as_f32_bytes(x: np.ndarray | bytes) -> bytes:
+    if isinstance(x, bytes | bytearray | memoryview):
+        return bytes(x)
+    return np.ascontiguousarray(x, dtype="<f4").tobytes()
