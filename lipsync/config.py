@@ -208,6 +208,11 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def from_dict(data: dict[str, Any]) -> Config:
+    """A validated Config from a (partial) mapping, defaults for the rest."""
+    return validate(_build(Config, data, ""))
+
+
 def load_config(
     path: str | Path | None = None, env: typing.Mapping[str, str] | None = None
 ) -> Config:
@@ -220,8 +225,7 @@ def load_config(
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
         data = loaded
-    data = _merge(data, _env_overrides(env))
-    return validate(_build(Config, data, ""))
+    return from_dict(_merge(data, _env_overrides(env)))
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

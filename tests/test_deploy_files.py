@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from lipsync.config import _build, Config  # noqa: PLC2701
+from lipsync.config import from_dict
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -24,8 +24,9 @@ def test_k8s_config_map_is_a_valid_config():
     kinds = [d["kind"] for d in docs]
     assert kinds.count("Deployment") == 2 and kinds.count("Service") == 2
     cm = next(d for d in docs if d["kind"] == "ConfigMap")
-    cfg = _build(Config, yaml.safe_load(cm["data"]["config.yaml"]), "")
+    cfg = from_dict(yaml.safe_load(cm["data"]["config.yaml"]))
     assert cfg.compositing.inference_address.endswith(":50051")
-    gpu = next(d for d in docs if d["kind"] == "Deployment" and "inference" in d["metadata"]["name"])
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    gpu = deployments["lipsync-inference"]
     limits = gpu["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert limits["nvidia.com/gpu"] == 1
