@@ -1,0 +1,66 @@
+"""The benchmark's avatar: the reference-size UNet and audio encoder with random weights
+(built without PyTorch), and synthetic 1280x720 frames with a face-sized crop rect."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import yaml
+
+from lipsync.nets import build_reference_audio_encoder, build_reference_unet, save_model
+
+NAME = "bench"
+
+
+def make_frame(width: int, height: int, i: int = 0) -> np.ndarray:
+    """A smooth, photo-like synthetic frame (JPEG cost close to a real video frame)."""
+    rng = np.random.default_rng(i)
+    small = rng.integers(0, 256, (height // 16, width // 16, 3), dtype=np.uint8)
+    frame = cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC)
+    noise = rng.normal(0, 6, frame.shape)
+    frame = np.clip(frame + noise, 0, 255).astype(np.uint8)
+    cx, cy = width // 2 + int(8 * np.sin(i / 5)), height // 2
+    cv2.ellipse(frame, (cx, cy), (width // 8, height // 4), 0, 0, 360, (120, 150, 200), -1)
+    return frame
+
+
+def face_rect(width: int, height: int, i: int = 0) -> list[int]:
+    """A square lower-face rect about a quarter of the frame height (like a 720p talking head)."""
+    side = height * 3 // 8
+    x1 = width // 2 - side // 2 + int(8 * np.sin(i / 5))
+    y1 = height // 2
+    return [x1, y1, x1 + side, y1 + side]
+
+
+def build(root: Path, n_frames: int = 50, width: int = 1280, height: int = 720) -> Path:
+    """Write (once) the bench avatar under `root` and return its folder."""
+    folder = root / NAME
+    if (folder / "avatar.yaml").exists():
+        return folder
+    (folder / "frames").mkdir(parents=True, exist_ok=True)
+    for i in range(n_frames):
+        cv2.imwrite(
+            str(folder / "frames" / f"{i}.jpg"),
+            make_frame(width, height, i),
+            [cv2.IMWRITE_JPEG_QUALITY, 95],
+        )
+    rects = [face_rect(width, height, i) for i in range(n_frames)]
+    (folder / "crop_rects.json").write_text(json.dumps(rects))
+    save_model(build_reference_unet(seed=0), folder / "unet.onnx")
+    save_model(build_reference_audio_encoder(seed=0), folder / "audio_encoder.onnx")
+    (folder / "avatar.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "name": NAME,
+                "fps": 25,
+                "unet": "unet.onnx",
+                "audio_encoder": "audio_encoder.onnx",
+                "frames": "frames",
+                "crop_rects": "crop_rects.json",
+            }
+        )
+    )
+    return folder

@@ -1,0 +1,360 @@
+"""`make bench`: every stage's cost per frame, the UNet alone (the ceiling), the reference
+script's one-frame-at-a-time loop, and end-to-end throughput through both services for
+1, 2, 4 and 8 concurrent clients, all in one run on this machine.
+
+Prints one table and writes the figures to out/bench.json. Compare ratios within a run:
+the machines are shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import socket
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import grpc
+import numpy as np
+import onnxruntime as ort
+
+from benchmarks import bench_avatar
+from inference_service import audio
+from inference_service.sessions import SessionOptions, UNetBinding, create_session
+from lipsync.config import load_config
+from lipsync.launch import ServiceProcesses
+from lipsync.proto import compositing_pb2 as cpb
+from lipsync.proto import compositing_pb2_grpc as cpb_grpc
+from lipsync.visual import face_crop, inner, mouth_to_uint8, paste_back, visual_input
+
+OUT = Path("out")
+
+
+def speech_like(seconds: float, sr: int = 16000, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sr)) / sr
+    phase = 2 * np.pi * np.cumsum(120 + 30 * np.sin(2 * np.pi * 0.7 * t)) / sr
+    voiced = sum(np.sin(k * phase) / k for k in range(1, 12))
+    env = np.clip(np.sin(2 * np.pi * 3.1 * t) + 0.3, 0, None)
+    return (0.25 * env * voiced + 0.02 * rng.standard_normal(len(t))).astype(np.float32)
+
+
+def median_time(fn: Callable[[], object], repeat: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- stages --------------------------------------------------------------------------------
+def bench_stages(folder: Path, opts: SessionOptions, quality: int) -> dict[str, float]:
+    """Milliseconds per video frame of each pipeline stage."""
+    ms: dict[str, float] = {}
+    clip = speech_like(10.0)
+    n_frames = audio.clip_frame_count(1 + len(clip) // audio.HOP)
+    ms["mel"] = median_time(lambda: audio.melspectrogram(clip), 5) * 1e3 / n_frames
+    mel = audio.melspectrogram(clip)
+    windows = audio.mel_windows(mel)
+    enc = create_session(folder / "audio_encoder.onnx", opts)
+    name = enc.get_inputs()[0].name
+    ms["audio_encoder"] = (
+        median_time(lambda: enc.run(None, {name: windows}), 3) * 1e3 / len(windows)
+    )
+    feats = enc.run(None, {name: windows})[0]
+    ms["audio_blocks"] = (
+        median_time(lambda: audio.feature_blocks(feats, np.arange(n_frames)), 5) * 1e3 / n_frames
+    )
+
+    frame720 = bench_avatar.make_frame(1280, 720, 0)
+    rect720 = bench_avatar.face_rect(1280, 720, 0)
+    frame1080 = bench_avatar.make_frame(1920, 1080, 0)
+    rect1080 = bench_avatar.face_rect(1920, 1080, 0)
+    ms["crop"] = median_time(lambda: inner(face_crop(frame720, rect720)).copy(), 20) * 1e3
+    crops8 = np.stack([inner(face_crop(frame720, rect720))] * 8)
+    ms["visual_input"] = median_time(lambda: visual_input(crops8), 10) * 1e3 / 8
+    pred8 = np.random.default_rng(0).random((8, 3, 320, 320), dtype=np.float32)
+    ms["mouth_to_uint8"] = median_time(lambda: mouth_to_uint8(pred8), 10) * 1e3 / 8
+    mouth = mouth_to_uint8(pred8[:1])[0]
+    crop720 = face_crop(frame720, rect720)
+    crop1080 = face_crop(frame1080, rect1080)
+
+    def paste(frame: np.ndarray, rect: list[int], crop: np.ndarray) -> np.ndarray:
+        out = frame.copy()
+        paste_back(out, rect, crop, mouth)
+        return out
+
+    ms["paste_720p"] = median_time(lambda: paste(frame720, rect720, crop720), 20) * 1e3
+    ms["paste_1080p"] = median_time(lambda: paste(frame1080, rect1080, crop1080), 20) * 1e3
+    params = [int(cv2.IMWRITE_JPEG_QUALITY), quality]
+    ms["jpeg_720p"] = median_time(lambda: cv2.imencode(".jpg", frame720, params), 20) * 1e3
+    ms["jpeg_1080p"] = median_time(lambda: cv2.imencode(".jpg", frame1080, params), 20) * 1e3
+    return ms
+
+
+def bench_unet(
+    folder: Path, opts: SessionOptions, batches: list[int], min_frames: int
+) -> dict[int, float]:
+    """UNet alone in ONNX Runtime: frames per second at each batch size."""
+    sess = create_session(folder / "unet.onnx", opts, fp16_ok=True)
+    b = UNetBinding.of(sess)
+    rng = np.random.default_rng(0)
+    fps = {}
+    for batch in batches:
+        feeds = {
+            b.visual: rng.random((batch, 6, 320, 320), dtype=np.float32),
+            b.audio: rng.standard_normal((batch, 32, 16, 16)).astype(np.float32),
+        }
+        runs = max(2, -(-min_frames // batch))
+        t = median_time(lambda f=feeds: sess.run(None, f), runs)
+        fps[batch] = batch / t
+    return fps
+
+
+def bench_reference_loop(
+    folder: Path, opts: SessionOptions, frames: int, quality: int
+) -> tuple[float, str]:
+    """The reference script's way: per frame crop -> tensor -> UNet (batch 1) -> paste -> JPEG.
+
+    The audio features are computed up front for the clip, as the reference does. PyTorch
+    eager when torch is installed (the `convert` extra), else ONNX Runtime at batch 1.
+    """
+    avatar_frames = [cv2.imread(str(folder / "frames" / f"{i}.jpg")) for i in range(frames)]
+    rects = json.loads((folder / "crop_rects.json").read_text())
+    blocks = np.random.default_rng(1).standard_normal((frames, 32, 16, 16)).astype(np.float32)
+    params = [int(cv2.IMWRITE_JPEG_QUALITY), quality]
+    try:
+        import torch
+
+        from lipsync.nets import KIND_UNET, random_reference_state_dict
+        from lipsync.nets.torch_nets import ReferenceUNet
+
+        net = ReferenceUNet().eval()
+        sd = random_reference_state_dict(KIND_UNET, 0)
+        net.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, strict=True)
+        torch.set_num_threads(os.cpu_count() or 1)
+
+        def unet(vis: np.ndarray, blk: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                return net(torch.from_numpy(vis[None]), torch.from_numpy(blk[None])).numpy()[0]
+
+        kind = f"PyTorch {torch.__version__} eager, batch 1"
+    except ImportError:
+        sess = create_session(folder / "unet.onnx", opts, fp16_ok=True)
+        b = UNetBinding.of(sess)
+
+        def unet(vis: np.ndarray, blk: np.ndarray) -> np.ndarray:
+            return sess.run([b.output], {b.visual: vis[None], b.audio: blk[None]})[0][0]
+
+        kind = "ONNX Runtime, batch 1 (PyTorch not installed)"
+
+    def loop(n: int) -> None:
+        for i in range(n):
+            img = avatar_frames[i].copy()
+            crop = face_crop(img, rects[i])
+            vis = visual_input(inner(crop))[0]
+            pred = unet(vis, blocks[i])
+            paste_back(img, rects[i], crop, mouth_to_uint8(pred))
+            cv2.imencode(".jpg", img, params)
+
+    loop(2)  # warm up
+    t0 = time.perf_counter()
+    loop(frames)
+    return frames / (time.perf_counter() - t0), kind
+
+
+# -- end to end ----------------------------------------------------------------------------
+def bench_e2e(address: str, clients: list[int], requests: int, batch: int) -> dict[int, dict]:
+    clip = speech_like(4.0, seed=3)
+    n_frames = audio.clip_frame_count(1 + len(clip) // audio.HOP)
+    payload = clip.tobytes()
+    channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 1 << 28)])
+    stub = cpb_grpc.CompositingServiceStub(channel)
+
+    def request(k: int) -> cpb.CompositeBatchResponse:
+        resp = stub.InferBatchComposite(
+            cpb.CompositeBatchRequest(
+                model_id=bench_avatar.NAME,
+                raw_audio=payload,
+                batch_size=batch,
+                start_frame_idx=k * batch,
+                clip_frame_offset=(k * batch) % (n_frames - batch),
+            )
+        )
+        if not resp.success:
+            raise RuntimeError(resp.error)
+        return resp
+
+    request(0)  # load the model and warm up
+    results = {}
+    for c in clients:
+        results[c] = _run_clients(request, c, requests, batch)
+    channel.close()
+    return results
+
+
+def _run_clients(
+    request: Callable[[int], cpb.CompositeBatchResponse], clients: int, requests: int, batch: int
+) -> dict:
+    """`clients` threads each sending `requests` requests back to back."""
+    latencies: list[float] = []
+    transfer: list[float] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(clients + 1)
+
+    def client(idx: int) -> None:
+        barrier.wait()
+        for r in range(requests):
+            t0 = time.perf_counter()
+            resp = request(idx * requests + r)
+            dt_ms = (time.perf_counter() - t0) * 1e3
+            with lock:
+                latencies.append(dt_ms)
+                transfer.append(resp.stage_times_ms.get("transfer", 0.0))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    frames = clients * requests * batch
+    return {
+        "fps": frames / wall,
+        "p50_ms": float(np.percentile(latencies, 50)),
+        "p95_ms": float(np.percentile(latencies, 95)),
+        "frames": frames,
+        "transfer_ms_per_frame": float(np.sum(transfer)) / frames,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="benchmarks.run", description=__doc__)
+    ap.add_argument("--clients", default="1,2,4,8")
+    ap.add_argument("--requests", type=int, default=6, help="requests per client")
+    ap.add_argument("--batch-size", type=int, default=8, help="frames per request")
+    ap.add_argument("--unet-batches", default="1,2,4,8,16")
+    ap.add_argument("--reference-frames", type=int, default=16)
+    ap.add_argument("--out", default=str(OUT / "bench.json"))
+    args = ap.parse_args(argv)
+    cfg = load_config()
+    icfg = cfg.inference
+    opts = SessionOptions(
+        tuple(icfg.execution_providers),
+        icfg.device_id,
+        icfg.intra_op_threads,
+        icfg.inter_op_threads,
+        icfg.cuda_fp16,
+    )
+    root = OUT / "bench" / "avatars"
+    print("building the bench avatar (reference-size networks, random weights, 1280x720)...")
+    folder = bench_avatar.build(root)
+
+    print("measuring stages...")
+    stages = bench_stages(folder, opts, cfg.compositing.jpeg_quality)
+    print("measuring the UNet alone...")
+    batches = [int(b) for b in args.unet_batches.split(",")]
+    unet_fps = bench_unet(folder, opts, batches, min_frames=16)
+    best_batch = max(unet_fps, key=unet_fps.get)
+    ceiling = unet_fps[best_batch]
+    stages["unet"] = 1e3 / ceiling
+    print("measuring the reference loop...")
+    ref_fps, ref_kind = bench_reference_loop(
+        folder, opts, args.reference_frames, cfg.compositing.jpeg_quality
+    )
+    print("measuring end to end through both services...")
+    env = dict(os.environ, AVATARS_DIR=str(root), LIPSYNC_LOG_LEVEL="WARNING")
+    clients = [int(c) for c in args.clients.split(",")]
+    with ServiceProcesses(
+        env=env, inference_port=free_port(), compositing_port=free_port(), quiet=True
+    ) as services:
+        e2e = bench_e2e(services.address, clients, args.requests, args.batch_size)
+    stages["transfer"] = statistics.median(r["transfer_ms_per_frame"] for r in e2e.values())
+
+    providers = ort.get_available_providers()
+    machine = (
+        f"{cpu_name()}, {os.cpu_count()} cores; onnxruntime {ort.__version__} ({providers[0]})"
+    )
+    ref_clients = 4 if 4 in e2e else clients[-1]
+    report = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": machine,
+        "command": "make bench",
+        "jpeg_quality": cfg.compositing.jpeg_quality,
+        "stages_ms_per_frame": stages,
+        "unet_fps_by_batch": {str(k): v for k, v in unet_fps.items()},
+        "unet_best_batch": best_batch,
+        "unet_ceiling_fps": ceiling,
+        "reference_loop_fps": ref_fps,
+        "reference_loop_kind": ref_kind,
+        "e2e_fps": {str(c): r["fps"] for c, r in e2e.items()},
+        "e2e": {str(c): r for c, r in e2e.items()},
+        "e2e_batch_size": args.batch_size,
+        "ratio_e2e_to_ceiling": e2e[ref_clients]["fps"] / ceiling,
+        "ratio_e2e_to_reference_loop": e2e[ref_clients]["fps"] / ref_fps,
+        "ratio_clients": ref_clients,
+        "audio_share_of_frame_time": (
+            stages["mel"] + stages["audio_encoder"] + stages["audio_blocks"]
+        )
+        / (1e3 / e2e[ref_clients]["fps"]),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print_report(report)
+    print(f"\nwritten to {args.out}")
+    return 0
+
+
+def print_report(r: dict) -> None:
+    print(f"\n== make bench, {r['date']} ==\n{r['machine']}\n")
+    print("stage                      ms/frame")
+    for k, v in r["stages_ms_per_frame"].items():
+        label = f"unet (batch {r['unet_best_batch']})" if k == "unet" else k
+        print(f"  {label:<24} {v:8.3f}")
+    print("\nUNet alone (ONNX Runtime)  frames/s")
+    for b, v in r["unet_fps_by_batch"].items():
+        print(f"  batch {b:<18} {v:8.2f}")
+    print(
+        f"\nceiling (UNet alone, best batch {r['unet_best_batch']}): {r['unet_ceiling_fps']:.2f} frames/s"
+    )
+    print(f"reference loop ({r['reference_loop_kind']}): {r['reference_loop_fps']:.2f} frames/s")
+    print(f"\nend to end, {r['e2e_batch_size']} frames per request, raw audio in, JPEG out:")
+    print("  clients   frames/s   p50 ms   p95 ms")
+    for c, e in r["e2e"].items():
+        print(f"  {c:>7} {e['fps']:10.2f} {e['p50_ms']:8.0f} {e['p95_ms']:8.0f}")
+    c = r["ratio_clients"]
+    print(f"\nratio e2e ({c} clients) / ceiling:        {r['ratio_e2e_to_ceiling']:.2f}")
+    print(f"ratio e2e ({c} clients) / reference loop: {r['ratio_e2e_to_reference_loop']:.2f}")
+    print(f"mel + audio encoder share of frame time:  {100 * r['audio_share_of_frame_time']:.2f} %")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
