@@ -342,9 +342,8 @@ def print_report(r: dict) -> None:
     print("\nUNet alone (ONNX Runtime)  frames/s")
     for b, v in r["unet_fps_by_batch"].items():
         print(f"  batch {b:<18} {v:8.2f}")
-    print(
-        f"\nceiling (UNet alone, best batch {r['unet_best_batch']}): {r['unet_ceiling_fps']:.2f} frames/s"
-    )
+    best = r["unet_best_batch"]
+    print(f"\nceiling (UNet alone, best batch {best}): {r['unet_ceiling_fps']:.2f} frames/s")
     print(f"reference loop ({r['reference_loop_kind']}): {r['reference_loop_fps']:.2f} frames/s")
     print(f"\nend to end, {r['e2e_batch_size']} frames per request, raw audio in, JPEG out:")
     print("  clients   frames/s   p50 ms   p95 ms")
