@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     from compositing_service.server import start
 
     running = start(cfg)
-    wait_for_termination(running.server, on_stop=running.servicer.inference.close)
+    wait_for_termination(running.server, on_stop=running.close)
     return 0
 
 

@@ -265,6 +265,10 @@ class RunningCompositing:
 
     def stop(self, grace_s: float = 2.0) -> None:
         self.server.stop(grace_s).wait()
+        self.close()
+
+    def close(self) -> None:
+        """Release the inference channel and worker threads (after the server stopped)."""
         self.servicer.inference.close()
         self.servicer.compositor.close()
 

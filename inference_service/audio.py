@@ -271,7 +271,14 @@ def mel_windows(mel: np.ndarray, first: int = 0, stop: int | None = None) -> np.
     mel = np.asarray(mel)
     if mel.ndim != 2 or mel.shape[1] != N_MELS:
         raise ValueError(f"mel must be [T, {N_MELS}], got {mel.shape}")
-    starts = mel_window_starts(mel.shape[0])[first:stop]
+    return windows_at(mel, mel_window_starts(mel.shape[0])[first:stop])
+
+
+def windows_at(mel: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Encoder inputs ``[len(starts), 1, 80, 16]`` float32 of the windows starting at the
+    given mel rows (each ``0 <= s <= T - 16``)."""
+    if len(starts) and (starts.min() < 0 or starts.max() + WINDOW > mel.shape[0]):
+        raise ValueError("window outside the mel spectrogram")
     rows = starts[:, None] + np.arange(WINDOW)  # [n, 16]
     win = mel[rows]  # [n, 16, 80]
     out = np.empty((starts.size, 1, N_MELS, WINDOW), dtype=np.float32)
@@ -279,7 +286,43 @@ def mel_windows(mel: np.ndarray, first: int = 0, stop: int | None = None) -> np.
     return out
 
 
-def feature_blocks(features: np.ndarray, frame_indices: np.ndarray | Sequence[int]) -> np.ndarray:
+# -- streaming: when is a growing clip's frame final? -------------------------------------
+# Frame i reads encoder rows up to i + 6; row j reads mel frames s_j .. s_j + 15
+# (s_j = 16 j // 5); mel frame t covers samples [200 t - 400, 200 t + 400). Once those
+# samples have arrived, more audio can change neither the rows nor n's effect on frame i.
+LOOKAHEAD_ROWS = HALF_CONTEXT - 2  # 6
+
+
+def samples_needed(frame: int) -> int:
+    """16 kHz samples of a clip that must have arrived before `frame` is final (while the
+    clip is still growing). About 40 ms x frame + 452.5 ms: the algorithmic lookahead."""
+    last_window = (MEL_FPS * (frame + LOOKAHEAD_ROWS)) // VIDEO_FPS
+    return HOP * (last_window + WINDOW - 1) + N_FFT // 2
+
+
+def ready_frames(n_samples: int) -> int:
+    """How many leading frames of a still-growing clip of `n_samples` samples are final."""
+    q = (n_samples - N_FFT // 2) // HOP - (WINDOW - 1)  # last usable window start
+    if q < 0:
+        return 0
+    return max(0, (VIDEO_FPS * (q + 1) - 1) // MEL_FPS + 1 - LOOKAHEAD_ROWS)
+
+
+TAIL_ALIGN = WINDOW * HOP  # 3200 samples = 16 mel rows = 5 video frames
+
+
+def tail_offset(first_frame: int) -> int:
+    """Where a clip tail may start (a multiple of TAIL_ALIGN) so that frames from
+    `first_frame` on are computed exactly as from the whole clip."""
+    return TAIL_ALIGN * max(0, (first_frame - 12) // 5)
+
+
+def feature_blocks(
+    features: np.ndarray,
+    frame_indices: np.ndarray | Sequence[int],
+    first_row: int = 0,
+    total_rows: int | None = None,
+) -> np.ndarray:
     """UNet audio input of the given output frames.
 
     With ``F' = [F[0], F[0..n-1], F[n-1]]`` (length ``n + 2``), frame ``i`` takes rows
@@ -289,7 +332,9 @@ def feature_blocks(features: np.ndarray, frame_indices: np.ndarray | Sequence[in
     Parameters
     ----------
     features : np.ndarray
-        Encoder output ``[n, 512]``.
+        Encoder output: all of ``F`` ``[n, 512]``, or the rows
+        ``F[first_row : first_row + len(features)]`` of an ``F`` of ``total_rows`` rows
+        (so a long clip's few needed rows suffice; every row the frames read must be there).
     frame_indices : array-like of int
         Output frame numbers ``i``.
 
@@ -301,14 +346,20 @@ def feature_blocks(features: np.ndarray, frame_indices: np.ndarray | Sequence[in
     f = np.asarray(features, dtype=np.float32)
     if f.ndim != 2 or f.shape[0] < 1 or f.shape[1] != FEATURE_DIM:
         raise ValueError(f"features must be [n >= 1, {FEATURE_DIM}], got {f.shape}")
+    n = f.shape[0] if total_rows is None else total_rows
+    if first_row < 0 or first_row + f.shape[0] > n:
+        raise ValueError("features rows lie outside [0, total_rows)")
     idx = np.asarray(frame_indices, dtype=np.int64).reshape(-1)
-    n_pad = f.shape[0] + 2
-    # table = F' followed by one zero row (index n_pad) used for every out-of-range row
-    table = np.empty((n_pad + 1, FEATURE_DIM), dtype=np.float32)
-    table[0] = f[0]
-    table[1:-2] = f
-    table[-2] = f[-1]
+    rows = idx[:, None] + np.arange(-HALF_CONTEXT, HALF_CONTEXT)  # [B, 16] rows of F'
+    outside = (rows < 0) | (rows >= n + 2)
+    # F'[r] = F[clip(r - 1, 0, n - 1)]; look it up among the rows we were given.
+    local = np.clip(rows - 1, 0, n - 1) - first_row
+    missing = ~outside & ((local < 0) | (local >= f.shape[0]))
+    if np.any(missing):
+        raise ValueError("the frames read feature rows that were not given")
+    # table = the given rows followed by one zero row used for every out-of-range row
+    table = np.empty((f.shape[0] + 1, FEATURE_DIM), dtype=np.float32)
+    table[:-1] = f
     table[-1] = 0.0
-    rows = idx[:, None] + np.arange(-HALF_CONTEXT, HALF_CONTEXT)  # [B, 16]
-    rows[(rows < 0) | (rows >= n_pad)] = n_pad
-    return table[rows].reshape(idx.size, 32, 16, 16)
+    local[outside] = f.shape[0]
+    return table[local].reshape(idx.size, 32, 16, 16)

@@ -26,6 +26,11 @@ from lipsync.visual import visual_input
 log = logging.getLogger(__name__)
 
 
+# A clip tail starts on a whole number of 16 mel rows (= 5 video frames), so that the
+# tail's window starts are the whole clip's minus a whole number of rows.
+TAIL_ALIGN = audio.TAIL_ALIGN
+
+
 class RequestError(ValueError):
     """The request is malformed; the message says how."""
 
@@ -110,19 +115,34 @@ class InferenceEngine:
         samples: np.ndarray,
         frame_indices: Sequence[int] | np.ndarray,
         timings: Timings,
+        sample_offset: int = 0,
     ) -> np.ndarray:
-        """Audio blocks [len(frame_indices), 32, 16, 16] of clip frames (any index >= 0)."""
+        """Audio blocks [len(frame_indices), 32, 16, 16] of clip frames (any index >= 0).
+
+        `samples` are the clip's 16 kHz samples from `sample_offset` on (a multiple of
+        TAIL_ALIGN; 0 = the whole clip), so a stream can send only the tail its next frames
+        need. Frame indices are the whole clip's; frames whose windows would need the
+        omitted samples are refused.
+        """
+        if sample_offset < 0 or sample_offset % TAIL_ALIGN:
+            raise RequestError(f"sample_offset must be a multiple of {TAIL_ALIGN} samples")
         idx = np.asarray(frame_indices, dtype=np.int64)
         t0 = time.perf_counter()
         mel = audio.melspectrogram(samples)
         t0 = timings.add("mel", t0)
-        n = audio.video_frame_count(len(mel))
+        shift = sample_offset // audio.HOP  # mel rows not sent
+        total_mel = len(mel) + shift
+        n = audio.video_frame_count(total_mel)
         lo, hi = encoder_rows_needed(n, idx)
-        features = np.zeros((n, 512), np.float32)
-        features[lo:hi] = nets.encoder.encode(audio.mel_windows(mel, lo, hi))
-        # Rows outside [lo, hi) are never read by these frames (see encoder_rows_needed).
+        starts = audio.mel_window_starts(total_mel)[lo:hi] - shift
+        # A tail's first 3 mel rows see the cut (zero padding, pre-emphasis), so skip them.
+        if shift and starts.min() < 3:
+            raise RequestError(
+                f"frames from {int(idx.min())} need audio before sample_offset {sample_offset}"
+            )
+        features = nets.encoder.encode(audio.windows_at(mel, starts))
         t0 = timings.add("audio_encoder", t0)
-        blocks = audio.feature_blocks(features, idx)
+        blocks = audio.feature_blocks(features, idx, first_row=lo, total_rows=n)
         timings.add("audio_blocks", t0)
         return blocks
 
@@ -137,6 +157,7 @@ class InferenceEngine:
         clip: np.ndarray | None = None,
         features: np.ndarray | None = None,
         clip_frame_offset: int = 0,
+        sample_offset: int = 0,
     ) -> InferResult:
         """Mouth regions [B, 3, 320, 320] for one batch.
 
@@ -155,7 +176,9 @@ class InferenceEngine:
         timings.add("model_load", t_load)
         t_start = time.perf_counter()
         if clip is not None:
-            audio_in = self.clip_blocks(nets, clip, np.arange(b) + clip_frame_offset, timings)
+            audio_in = self.clip_blocks(
+                nets, clip, np.arange(b) + clip_frame_offset, timings, sample_offset
+            )
         else:
             assert features is not None
             audio_in = (

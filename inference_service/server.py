@@ -65,6 +65,7 @@ class DecodedInfer:
     clip: np.ndarray | None
     features: np.ndarray | None
     offset: int
+    sample_offset: int
 
 
 class InferenceServicer(ipb_grpc.InferenceServiceServicer):
@@ -77,6 +78,8 @@ class InferenceServicer(ipb_grpc.InferenceServiceServicer):
         enc = ENCODINGS.get(clip.encoding)
         if enc is None:
             raise _bad(f"unknown audio encoding {clip.encoding}")
+        if clip.sample_offset and clip.sample_rate not in (0, 16000):
+            raise _bad("sample_offset needs 16 kHz audio")
         try:
             return decode_pcm(
                 clip.pcm, enc, clip.sample_rate, max_seconds=self.cfg.limits.max_audio_seconds
@@ -125,7 +128,8 @@ class InferenceServicer(ipb_grpc.InferenceServiceServicer):
         else:
             raise _bad("audio is required (clip or audio_features)")
         return DecodedInfer(
-            req.model_id, b, face_crops, visual, clip, features, req.clip_frame_offset
+            req.model_id, b, face_crops, visual, clip, features, req.clip_frame_offset,
+            req.clip.sample_offset if clip is not None else 0,
         )
 
     def _model_id(self, model_id: str) -> str:
@@ -173,6 +177,7 @@ class InferenceServicer(ipb_grpc.InferenceServiceServicer):
             clip=d.clip,
             features=d.features,
             clip_frame_offset=d.offset,
+            sample_offset=d.sample_offset,
         )
         t1 = time.perf_counter()
         payload = encode_mouths(res.mouths, request.output_type)

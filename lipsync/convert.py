@@ -284,8 +284,12 @@ def convert_checkpoints(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = ConvertReport(unet_path=out_dir / UNET_FILE, audio_encoder_path=None, verified=verify)
-    report.tolerance = tolerance
+    report = ConvertReport(
+        unet_path=out_dir / UNET_FILE,
+        audio_encoder_path=None,
+        verified=verify,
+        tolerance=tolerance,
+    )
     report.unet_max_abs_diff = _convert_one(
         ob.KIND_UNET, unet_sd, unet_arrays, report.unet_path, verify, tolerance, seed
     )

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from lipsync.avatar_package import AvatarCatalog
+from lipsync.avatar_package import MANIFEST_NAME, AvatarCatalog
 from lipsync.cli.render import UsageError, check_model, output_kind, render_to
 from lipsync.client import LipsyncClient, LipsyncError, load_audio
 from lipsync.config import ConfigError, load_config
@@ -92,6 +92,9 @@ def run(args: argparse.Namespace) -> int:
     catalog = AvatarCatalog(cfg.avatars_path)
     if args.model not in catalog.names():
         why = catalog.errors.get(args.model)
+        folder = cfg.avatars_path / args.model
+        if why is None and folder.is_dir() and not (folder / MANIFEST_NAME).is_file():
+            why = f"{folder} has no {MANIFEST_NAME} yet"
         have = ", ".join(catalog.names()) or "none"
         raise LipsyncError(
             f"avatar {args.model!r} not found in {cfg.avatars_path.resolve()}"

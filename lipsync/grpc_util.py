@@ -77,9 +77,9 @@ def wait_for_termination(server: grpc.Server, grace_s: float = 5.0, on_stop: Any
     signal.signal(signal.SIGINT, handle)
     signal.signal(signal.SIGTERM, handle)
     done.wait()
+    server.stop(grace_s).wait()  # drain in-flight requests first
     if on_stop is not None:
         on_stop()
-    server.stop(grace_s).wait()
 
 
 def setup_logging(level: str) -> None:

@@ -304,30 +304,36 @@ def import_synctalk_detailed(
     if final.exists() and not final.is_dir():
         raise DatasetError(f"{final} exists and is not a folder")
     if _is_nonempty_dir(final) and not overwrite:
-        raise DatasetError(f"{final} already exists and is not empty (use overwrite to replace it)")
+        raise DatasetError(f"{final} already exists and is not empty (--overwrite replaces it)")
+    for src in (dataset, unet_ckpt, audio_encoder_ckpt):
+        if src is not None and Path(src).resolve().is_relative_to(final.resolve()):
+            raise DatasetError(f"{src} lies inside the destination {final}; choose another one")
 
     data = read_dataset(Path(dataset))
     out_root.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=out_root))
+    old: Path | None = None  # holds the replaced package until the new one is in place
+    placed = False
     try:
         report = convert_checkpoints(unet_ckpt, audio_encoder_ckpt, work, verify=verify)
         linked = _place_frames(data.frames, work / FRAMES_DIR, link_frames)
         (work / CROP_RECTS_FILE).write_text(json.dumps(data.rects.tolist()) + "\n")
-        old = None
         if final.exists():
             if _is_nonempty_dir(final) and not overwrite:  # appeared meanwhile
                 raise DatasetError(f"{final} already exists and is not empty")
             old = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".old", dir=out_root))
             os.replace(final, old / name)
         os.replace(work, final)
-        work = final
+        placed = True
         _write_manifest(final, name, report.audio_encoder_path is not None)
+    except BaseException:
+        shutil.rmtree(final if placed else work, ignore_errors=True)
+        if old is not None and (old / name).exists() and not final.exists():
+            os.replace(old / name, final)  # put the previous package back
+        raise
+    finally:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        if work != final:
-            shutil.rmtree(work, ignore_errors=True)
-        raise
 
     # The package must read back as the services read it.
     manifest = load_manifest(final)
