@@ -11,7 +11,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -41,6 +41,24 @@ class AvatarFrames:
     rects: np.ndarray  # [N, 4] int64 x1, y1, x2, y2
     nbytes: int
     load_ms: float
+    _idle: dict[tuple[int, int], bytes] = field(default_factory=dict)
+    _idle_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def idle_jpeg(self, index: int, quality: int) -> bytes:
+        """Background frame `index` as it is (the avatar idling), JPEG-encoded once."""
+        key = (index, quality)
+        with self._idle_lock:
+            data = self._idle.get(key)
+        if data is None:
+            ok, buf = cv2.imencode(
+                ".jpg", self.frames[index], [int(cv2.IMWRITE_JPEG_QUALITY), quality]
+            )
+            if not ok:
+                raise RuntimeError("JPEG encoding failed")
+            data = buf.tobytes()
+            with self._idle_lock:
+                self._idle[key] = data
+        return data
 
     @property
     def count(self) -> int:

@@ -16,6 +16,7 @@ import grpc
 from compositing_service.background_cache import BackgroundCache
 from compositing_service.compositor import Compositor
 from compositing_service.inference_client import InferenceClient
+from compositing_service.streaming import StreamError, StreamSession
 from lipsync import __version__
 from lipsync.avatar_package import AvatarCatalog, AvatarError, UnknownModelError, check_model_id
 from lipsync.config import Config
@@ -60,6 +61,8 @@ class CompositingServicer(cpb_grpc.CompositingServiceServicer):
         self.cache = cache
         self.inference = inference
         self.compositor = compositor
+        self._streams = 0
+        self._streams_lock = threading.Lock()
 
     # -- InferBatchComposite ------------------------------------------------------------
     def _request_to_infer(self, req: cpb.CompositeBatchRequest) -> tuple[ipb.InferRequest, bool]:
@@ -247,6 +250,53 @@ class CompositingServicer(cpb_grpc.CompositingServiceServicer):
             return resp
         except Exception as exc:
             self._abort_rpc(context, exc)
+
+    def StreamComposite(self, request_iterator, context):
+        """Bidirectional stream: see compositing_service/streaming.py and docs/STREAMING.md."""
+        try:
+            first = next(request_iterator)
+        except StopIteration:
+            return
+        if first.WhichOneof("msg") != "start":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be start")
+        start = first.start
+        with self._streams_lock:
+            if self._streams >= self.cfg.compositing.stream.max_sessions:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many streams")
+            self._streams += 1
+        try:
+            try:
+                model_id = check_model_id(start.model_id)
+                avatar = self.cache.get(model_id)
+                quality = self.compositor.jpeg.quality
+                session = StreamSession(
+                    start,
+                    avatar,
+                    self.inference,
+                    self.compositor,
+                    self.cfg.compositing.stream,
+                    lambda i: avatar.idle_jpeg(i, quality),
+                )
+            except UnknownModelError as exc:
+                context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+            except (StreamError, AvatarError) as exc:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            context.add_callback(session.cancel)
+            reader = threading.Thread(
+                target=session.feed, args=(request_iterator,), name="stream-reader", daemon=True
+            )
+            reader.start()
+            try:
+                yield from session.frames()
+            except StreamError as exc:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            except grpc.RpcError as exc:
+                context.abort(exc.code(), _rpc_message(exc, self.inference.address))
+            finally:
+                session.cancel()
+        finally:
+            with self._streams_lock:
+                self._streams -= 1
 
     def GetModelStats(self, request, context):
         try:

@@ -86,6 +86,17 @@ class FrameCacheConfig:
 
 
 @dataclass
+class StreamConfig:
+    """StreamComposite sessions."""
+
+    max_batch: int = 8  # frames per inference call
+    jitter_frames: int = 2  # realtime: extra lead (frames) before a clip's first frame
+    gap_flush_ms: float = 250.0  # realtime: end a clip the player waits on after this gap
+    max_queued_frames: int = 256  # offline: made but unsent frames before pausing
+    max_sessions: int = 64  # concurrent streams; more are refused (RESOURCE_EXHAUSTED)
+
+
+@dataclass
 class CompositingConfig:
     host: str = "0.0.0.0"
     port: int = 50052
@@ -98,6 +109,7 @@ class CompositingConfig:
     # float32 (the design's default), float16 or uint8 (trunc(255 x), bit-exact too).
     transfer_dtype: str = "float32"
     frame_cache: FrameCacheConfig = field(default_factory=FrameCacheConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
 
 
 @dataclass
