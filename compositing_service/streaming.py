@@ -173,6 +173,7 @@ class _Planned:
     flags: list[bool]
     audio: list[bytes]
     arrivals: list[float]
+    started: float = 0.0
 
 
 def decode_chunk(data: bytes, encoding: int) -> np.ndarray:
@@ -225,7 +226,8 @@ class StreamSession:
         self.player_slot = 0  # slot the player emits next
         self.player_waiting = False  # realtime: the player waits for a speech frame
         self.speech_until = 0  # slots before this are committed to scheduled speech
-        self.batch_ms = 40.0  # moving average of a batch's production time
+        self.batch_ms = 40.0  # moving average of a batch's production time (plan to JPEG)
+        self.clock0 = time.monotonic()  # realtime: when slot 0 is due
         self.production_done = False
         self._handoff: queue.Queue[_Planned | None] = queue.Queue(maxsize=2)
 
@@ -358,11 +360,17 @@ class StreamSession:
             self._end_clip(clip)
 
     def _schedule(self, clip: Clip) -> int:
-        """Timeline slot of a clip's first frame. Caller holds the lock."""
+        """Timeline slot of a clip's first frame. Caller holds the lock.
+
+        Realtime: the first slot that leaves time to make the frames (the moving average
+        of a batch's production time, from planning to JPEG) plus `jitter_ms`; after any
+        speech already scheduled.
+        """
         if not self.realtime:
             return self.speech_until
-        lead = self.settings.jitter_frames + math.ceil(self.batch_ms / 1000 / self.frame_s)
-        return max(self.player_slot + lead, self.speech_until)
+        ready_at = time.monotonic() + (self.batch_ms + self.settings.jitter_ms) / 1000
+        slot = math.ceil((ready_at - self.clock0) / self.frame_s)
+        return max(slot, self.player_slot, self.speech_until)
 
     def produce(self) -> None:
         try:
@@ -370,13 +378,11 @@ class StreamSession:
                 plan = self._plan()
                 if plan is None:
                     break
-                t0 = time.perf_counter()
                 clip, gen, first, stop, slots = plan
+                t0 = time.perf_counter()
                 planned = self._infer(clip, gen, first, stop, slots)
+                planned.started = t0
                 self._handoff.put(planned)
-                ms = (time.perf_counter() - t0) * 1000
-                with self.cond:
-                    self.batch_ms = 0.8 * self.batch_ms + 0.2 * ms
         except Exception as exc:
             self.fail(exc)
         finally:
@@ -444,7 +450,9 @@ class StreamSession:
                 if p is None:
                     break
                 jpegs = self.compositor.composite(self.avatar, p.backgrounds, p.mouths, p.crops)
+                ms = (time.perf_counter() - p.started) * 1000
                 with self.cond:
+                    self.batch_ms = 0.8 * self.batch_ms + 0.2 * ms
                     if p.generation != self.generation:
                         continue  # interrupted while in flight
                     for k, jpeg in enumerate(jpegs):
@@ -527,7 +535,7 @@ class StreamSession:
             yield self._message(f, f.slot)
 
     def _realtime(self) -> Iterator[cpb.StreamFrame]:
-        t0 = time.monotonic()
+        t0 = self.clock0 = time.monotonic()
         slot = 0
         while True:
             due = t0 + slot * self.frame_s

@@ -90,7 +90,7 @@ class StreamConfig:
     """StreamComposite sessions."""
 
     max_batch: int = 8  # frames per inference call
-    jitter_frames: int = 2  # realtime: extra lead (frames) before a clip's first frame
+    jitter_ms: float = 30.0  # realtime: margin on top of the measured production time
     gap_flush_ms: float = 250.0  # realtime: end a clip the player waits on after this gap
     max_queued_frames: int = 256  # offline: made but unsent frames before pausing
     max_sessions: int = 64  # concurrent streams; more are refused (RESOURCE_EXHAUSTED)
