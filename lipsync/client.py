@@ -7,17 +7,18 @@
         for jpeg in client.render("alice", audio):     # one JPEG per 25 fps video frame
             ...
 
-`render` sends the whole clip with every batch request (as 16-bit PCM, half the bytes of
-float32) and steps `clip_frame_offset` and `start_frame_idx` by the batch size, so the
-frames are those of the clip as one piece, however it is cut into batches.
+`render` sends the clip once through an offline StreamComposite session (or, with
+`mode="batch"`, in InferBatchComposite requests that step `clip_frame_offset` and
+`start_frame_idx`); either way the frames are those of the clip as one piece.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,8 +161,12 @@ class LipsyncClient:
     and so does a render request the service answers with `success=false`.
     """
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, timeout_s: float = 60.0,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES):
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        timeout_s: float = 60.0,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+    ):
         self.address = address
         self.timeout_s = timeout_s
         self._channel = grpc.insecure_channel(
@@ -193,15 +198,18 @@ class LipsyncClient:
                 request, timeout=self.timeout_s if timeout_s is None else timeout_s
             )
         except grpc.RpcError as exc:
-            code = exc.code() if hasattr(exc, "code") else None
-            details = exc.details() if hasattr(exc, "details") else str(exc)
-            if code == grpc.StatusCode.UNAVAILABLE:
-                msg = f"cannot reach the compositing service at {self.address}: {details}"
-            elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                msg = f"the compositing service at {self.address} did not answer in time"
-            else:
-                msg = details or f"{method} failed: {code}"
-            raise LipsyncError(msg, code) from None
+            raise self._error(exc, method) from None
+
+    def _error(self, exc: grpc.RpcError, method: str) -> LipsyncError:
+        code = exc.code() if hasattr(exc, "code") else None
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        if code == grpc.StatusCode.UNAVAILABLE:
+            msg = f"cannot reach the compositing service at {self.address}: {details}"
+        elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            msg = f"the compositing service at {self.address} did not answer in time"
+        else:
+            msg = details or f"{method} failed: {code}"
+        return LipsyncError(msg, code)
 
     # simple RPCs ---------------------------------------------------------------------------
     def health(self, timeout_s: float | None = None) -> cpb.HealthResponse:
@@ -293,6 +301,7 @@ class LipsyncClient:
         start_frame_idx: int = 0,
         on_progress: Callable[[int, int], None] | None = None,
         *,
+        mode: str = "stream",
         in_flight: int = 2,
         pcm16: bool = True,
     ) -> Iterator[bytes]:
@@ -300,28 +309,100 @@ class LipsyncClient:
 
         `audio16k` is the clip at 16 kHz mono (float32 in [-1, 1], or int16). It yields
         `clip_frames(len(audio16k))` frames; a clip shorter than 3000 samples is zero-padded
-        to 3000 first (with a warning). The clip goes with each batch request as 16-bit PCM
-        (`pcm16=False`: float32). Up to `in_flight` requests run at a time to hide latency;
-        frames still come out in order. `on_progress(done, total)` is called after each
-        batch. Errors raise `LipsyncError`.
+        to 3000 first (with a warning). Audio travels as 16-bit PCM (`pcm16=False`:
+        float32).
+
+        `mode="stream"` (default) sends the clip once through an offline StreamComposite
+        session, whose cost per frame does not grow with the clip's length.
+        `mode="batch"` uses InferBatchComposite requests of `batch_size` frames, each
+        carrying the whole clip, up to `in_flight` at a time (for servers without
+        streaming). Both give the same frames. `on_progress(done, total)` is called as
+        frames arrive. Errors raise `LipsyncError`.
         """
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
+        if mode not in ("stream", "batch"):
+            raise ValueError("mode must be 'stream' or 'batch'")
         audio, padded = pad_audio(np.asarray(audio16k))
         if padded:
-            log.warning("audio shorter than %d samples (%.4f s): padded with silence",
-                        MIN_SAMPLES, MIN_SAMPLES / SAMPLE_RATE)
+            log.warning(
+                "audio shorter than %d samples (%.4f s): padded with silence",
+                MIN_SAMPLES,
+                MIN_SAMPLES / SAMPLE_RATE,
+            )
         audio = to_pcm16(audio) if pcm16 else np.asarray(audio, dtype=np.float32)
         total = clip_frames(audio.size)
+        if mode == "stream":
+            return self._stream_frames(model_id, audio, start_frame_idx, total, on_progress)
         offsets = range(0, total, batch_size)
 
         def one(offset: int) -> BatchResult:
             return self.composite_batch(
-                model_id, min(batch_size, total - offset), audio=audio,
-                start_frame_idx=start_frame_idx + offset, clip_frame_offset=offset,
+                model_id,
+                min(batch_size, total - offset),
+                audio=audio,
+                start_frame_idx=start_frame_idx + offset,
+                clip_frame_offset=offset,
             )
 
         return self._ordered(offsets, one, total, max(1, in_flight), on_progress)
+
+    def stream(
+        self,
+        model_id: str,
+        chunks: Iterable[np.ndarray],
+        *,
+        sample_rate: int = SAMPLE_RATE,
+        start_frame_idx: int = 0,
+        realtime: bool = False,
+        return_audio: bool = False,
+    ) -> Iterator[cpb.StreamFrame]:
+        """A StreamComposite session: send audio chunks (float32 or int16 mono at
+        `sample_rate`; all of one type), yield frames as they come. The clip ends when
+        `chunks` is exhausted."""
+        first: list[np.ndarray] = []
+        it = iter(chunks)
+        head = next(it, None)
+        if head is not None:
+            first.append(np.asarray(head))
+        s16 = bool(first) and first[0].dtype == np.int16
+        start = cpb.StreamStart(
+            model_id=model_id,
+            sample_rate=sample_rate,
+            start_frame_idx=start_frame_idx,
+            realtime=realtime,
+            return_audio=return_audio,
+            audio_encoding=cpb.PCM_S16LE if s16 else cpb.PCM_F32LE,
+        )
+
+        def requests() -> Iterator[cpb.StreamRequest]:
+            yield cpb.StreamRequest(start=start)
+            for chunk in itertools.chain(first, it):
+                x = np.asarray(chunk)
+                data = x.astype("<i2").tobytes() if s16 else _as_f32_bytes(x)
+                yield cpb.StreamRequest(audio=data)
+            yield cpb.StreamRequest(end_of_audio=True)
+
+        try:
+            yield from self._stub.StreamComposite(requests())
+        except grpc.RpcError as exc:
+            raise self._error(exc, "StreamComposite") from None
+
+    def _stream_frames(
+        self,
+        model_id: str,
+        audio: np.ndarray,
+        start_frame_idx: int,
+        total: int,
+        on_progress: Callable[[int, int], None] | None,
+    ) -> Iterator[bytes]:
+        chunks = (audio[i : i + SAMPLE_RATE] for i in range(0, len(audio), SAMPLE_RATE))
+        done = 0
+        for frame in self.stream(model_id, chunks, start_frame_idx=start_frame_idx):
+            done += 1
+            if on_progress is not None and (done % 25 == 0 or done == total):
+                on_progress(done, total)
+            yield frame.jpeg
 
     def _ordered(
         self,

@@ -49,8 +49,30 @@ def progress_calls() -> list[tuple[int, int]]:
 @pytest.fixture(scope="module")
 def rendered(client, clip, progress_calls) -> list[bytes]:
     """The clip rendered in batches of 10 (two requests in flight), from background 3."""
-    return list(client.render("alice", clip, batch_size=10, start_frame_idx=3,
-                              on_progress=lambda d, t: progress_calls.append((d, t))))
+    return list(
+        client.render(
+            "alice",
+            clip,
+            batch_size=10,
+            start_frame_idx=3,
+            mode="batch",
+            on_progress=lambda d, t: progress_calls.append((d, t)),
+        )
+    )
+
+
+def test_stream_mode_render_equals_batch_mode(client, clip, rendered):
+    calls = []
+    streamed = list(
+        client.render(
+            "alice", clip, start_frame_idx=3, on_progress=lambda d, t: calls.append((d, t))
+        )
+    )
+    assert len(streamed) == len(rendered)
+    for a, b in zip(streamed, rendered, strict=True):
+        diff = np.abs(decode_jpeg(a).astype(int) - decode_jpeg(b).astype(int)).max()
+        assert diff <= 2
+    assert calls[-1] == (len(rendered), len(rendered))
 
 
 def free_port() -> int:
@@ -98,8 +120,9 @@ def test_composite_batch_errors_raise(client, clip, model, batch, needle):
 
 
 def test_unreachable_server_is_a_lipsync_error():
-    with LipsyncClient(f"127.0.0.1:{free_port()}", timeout_s=5) as c, pytest.raises(
-        LipsyncError, match="cannot reach"
+    with (
+        LipsyncClient(f"127.0.0.1:{free_port()}", timeout_s=5) as c,
+        pytest.raises(LipsyncError, match="cannot reach"),
     ):
         c.health()
 
@@ -113,8 +136,9 @@ def test_render_gives_every_frame_in_order(client, clip, rendered, progress_call
     pcm = to_pcm16(clip)
     single: list[bytes] = []
     for offset, size in ((0, 17), (17, 19)):
-        single += client.composite_batch("alice", size, audio=pcm, start_frame_idx=3 + offset,
-                                         clip_frame_offset=offset).frames
+        single += client.composite_batch(
+            "alice", size, audio=pcm, start_frame_idx=3 + offset, clip_frame_offset=offset
+        ).frames
     assert len(single) == total
     for k, (a, b) in enumerate(zip(rendered, single, strict=True)):
         diff = np.abs(decode_jpeg(a).astype(int) - decode_jpeg(b).astype(int)).max()
@@ -166,8 +190,23 @@ def test_load_audio_mp3(tmp_path, clip_wav):
     from lipsync.media import ffmpeg_exe
 
     mp3 = tmp_path / "clip.mp3"
-    subprocess.run([ffmpeg_exe(), "-loglevel", "error", "-i", str(clip_wav), "-ar", "44100",
-                    "-c:a", "libmp3lame", "-b:a", "128k", str(mp3)], check=True)
+    subprocess.run(
+        [
+            ffmpeg_exe(),
+            "-loglevel",
+            "error",
+            "-i",
+            str(clip_wav),
+            "-ar",
+            "44100",
+            "-c:a",
+            "libmp3lame",
+            "-b:a",
+            "128k",
+            str(mp3),
+        ],
+        check=True,
+    )
     audio, seconds = load_audio(mp3)
     assert audio.dtype == np.float32 and audio.ndim == 1
     assert seconds == pytest.approx(1.5, abs=0.1)  # mp3 adds encoder padding
@@ -215,15 +254,30 @@ def test_write_jpeg_folder(tmp_path):
     frames = _jpegs(3, 32, 24)
     assert write_jpeg_folder(iter(frames), tmp_path / "f") == 3
     assert sorted(p.name for p in (tmp_path / "f").iterdir()) == [
-        "000000.jpg", "000001.jpg", "000002.jpg"]
+        "000000.jpg",
+        "000001.jpg",
+        "000002.jpg",
+    ]
     assert (tmp_path / "f" / "000002.jpg").read_bytes() == frames[2]
 
 
 # -- lipsync-render -------------------------------------------------------------------------
 def test_cli_renders_mp4(services, clip_wav, clip, tmp_path, capsys):
     out = tmp_path / "video" / "alice.mp4"
-    rc = render_cli.main(["--model", "alice", "--audio", str(clip_wav), "--out", str(out),
-                          "--server", services.address, "--batch-size", "16"])
+    rc = render_cli.main(
+        [
+            "--model",
+            "alice",
+            "--audio",
+            str(clip_wav),
+            "--out",
+            str(out),
+            "--server",
+            services.address,
+            "--batch-size",
+            "16",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     stdout = capsys.readouterr().out
     assert str(out) in stdout and "36 frames" in stdout
@@ -237,8 +291,21 @@ def test_cli_renders_mp4(services, clip_wav, clip, tmp_path, capsys):
 
 def test_cli_renders_jpeg_folder(services, clip_wav, rendered, tmp_path, capsys):
     out = tmp_path / "frames"
-    rc = render_cli.main(["--model", "alice", "--audio", str(clip_wav), "--out", f"{out}/",
-                          "--server", services.address, "--start-frame", "3", "-q"])
+    rc = render_cli.main(
+        [
+            "--model",
+            "alice",
+            "--audio",
+            str(clip_wav),
+            "--out",
+            f"{out}/",
+            "--server",
+            services.address,
+            "--start-frame",
+            "3",
+            "-q",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     files = sorted(out.iterdir())
     assert [f.name for f in files[:2]] == ["000000.jpg", "000001.jpg"]
@@ -251,12 +318,20 @@ def test_cli_renders_jpeg_folder(services, clip_wav, rendered, tmp_path, capsys)
 
 @pytest.mark.parametrize(
     ("case", "needle"),
-    [("model", "unknown model 'nobody'"), ("audio", "audio file not found"),
-     ("server", "cannot reach"), ("out", "cannot tell")],
+    [
+        ("model", "unknown model 'nobody'"),
+        ("audio", "audio file not found"),
+        ("server", "cannot reach"),
+        ("out", "cannot tell"),
+    ],
 )
 def test_cli_expected_errors(services, clip_wav, tmp_path, capsys, case, needle):
-    args = {"--model": "alice", "--audio": str(clip_wav), "--out": str(tmp_path / "x.mp4"),
-            "--server": services.address}
+    args = {
+        "--model": "alice",
+        "--audio": str(clip_wav),
+        "--out": str(tmp_path / "x.mp4"),
+        "--server": services.address,
+    }
     if case == "model":
         args["--model"] = "nobody"
     elif case == "audio":

@@ -102,6 +102,7 @@ def render_to(
     batch_size: int = 24,
     start_frame: int = 0,
     progress: bool = True,
+    mode: str = "stream",
 ) -> RenderSummary:
     """Render `audio16k` with `model` to a video or a JPEG folder (see `output_kind`)."""
     kind = output_kind(out)
@@ -131,6 +132,7 @@ def render_to(
             batch_size=batch_size,
             start_frame_idx=start_frame,
             on_progress=on_progress,
+            mode=mode,
         )
         if kind == "video":
             count = write_mp4(frames, audio, Path(out))
@@ -165,7 +167,15 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_SERVER,
         help="compositing service address (default: $LIPSYNC_SERVER or %(default)s)",
     )
-    p.add_argument("--batch-size", type=int, default=24, help="frames per request (default 24)")
+    p.add_argument(
+        "--mode",
+        choices=["stream", "batch"],
+        default="stream",
+        help="stream: one StreamComposite session (default); batch: InferBatchComposite requests",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=24, help="frames per request in batch mode (default 24)"
+    )
     p.add_argument(
         "--start-frame",
         type=int,
@@ -202,6 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 audio,
                 args.out,
                 batch_size=args.batch_size,
+                mode=args.mode,
                 start_frame=args.start_frame,
                 progress=not args.quiet,
             )
