@@ -397,9 +397,8 @@ class LipsyncClient:
         on_progress: Callable[[int, int], None] | None,
     ) -> Iterator[bytes]:
         chunks = (audio[i : i + SAMPLE_RATE] for i in range(0, len(audio), SAMPLE_RATE))
-        done = 0
-        for frame in self.stream(model_id, chunks, start_frame_idx=start_frame_idx):
-            done += 1
+        frames = self.stream(model_id, chunks, start_frame_idx=start_frame_idx)
+        for done, frame in enumerate(frames, start=1):
             if on_progress is not None and (done % 25 == 0 or done == total):
                 on_progress(done, total)
             yield frame.jpeg
