@@ -5,6 +5,7 @@ Precedence (lowest first): the defaults in this file, the YAML file named by
 
 - `AVATARS_DIR`                      -> avatars_dir
 - `INFERENCE_ADDRESS`                -> compositing.inference_address
+- `COMPOSITING_ADDRESS`              -> web.compositing_address (also the CLI's default server)
 - `LIPSYNC_<SECTION>__<KEY>[__...]`  -> any field, e.g. `LIPSYNC_COMPOSITING__JPEG_QUALITY=90`,
   `LIPSYNC_INFERENCE__EXECUTION_PROVIDERS=cpu`, `LIPSYNC_LOG_LEVEL=DEBUG`.
 
@@ -45,7 +46,8 @@ class RegistryConfig:
     max_bytes: int = 8 * GiB  # size of the ONNX files, a proxy for session memory
     eviction: str = "lru"  # lru | lfu
     idle_unload_s: float = 0.0  # unload a model unused this long; 0 disables
-    preload: list[str] = field(default_factory=list)  # model ids loaded at start ("*" = all)
+    # model ids loaded at start ("*" = every avatar found, up to max_models)
+    preload: list[str] = field(default_factory=lambda: ["*"])
 
 
 @dataclass
@@ -113,12 +115,22 @@ class CompositingConfig:
 
 
 @dataclass
+class WebConfig:
+    """The browser page and its WebSocket gateway (`python -m lipsync.web`)."""
+
+    host: str = "0.0.0.0"
+    port: int = 8080
+    compositing_address: str = "localhost:50052"
+
+
+@dataclass
 class Config:
     avatars_dir: str = "avatars"
     log_level: str = "INFO"
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     compositing: CompositingConfig = field(default_factory=CompositingConfig)
+    web: WebConfig = field(default_factory=WebConfig)
 
     @property
     def avatars_path(self) -> Path:
@@ -199,6 +211,8 @@ def _env_overrides(env: typing.Mapping[str, str]) -> dict[str, Any]:
         put(["avatars_dir"], env["AVATARS_DIR"])
     if env.get("INFERENCE_ADDRESS"):
         put(["compositing", "inference_address"], env["INFERENCE_ADDRESS"])
+    if env.get("COMPOSITING_ADDRESS"):
+        put(["web", "compositing_address"], env["COMPOSITING_ADDRESS"])
     for key, raw in env.items():
         if key.startswith("LIPSYNC_") and key != "LIPSYNC_CONFIG":
             put([p.lower() for p in key[len("LIPSYNC_") :].split("__")], raw)

@@ -1,4 +1,5 @@
-"""Run both services as child processes: `python -m lipsync.launch` (what `make run` does).
+"""Run both services as child processes, and the browser page's gateway:
+`python -m lipsync.launch` (what `make run` does).
 
 Ctrl-C or SIGTERM stops both. The launcher waits until each service answers the
 standard gRPC health check before saying it is ready. `ServiceProcesses` is the same
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Mapping
 from types import TracebackType
 
@@ -45,6 +47,23 @@ def wait_healthy(address: str, timeout_s: float, proc: subprocess.Popen | None =
             time.sleep(0.1)
 
 
+def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+    """Block until `url` answers 200."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process for {url} exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} not answering after {timeout_s:.0f} s")
+        time.sleep(0.1)
+
+
 class ServiceProcesses:
     """Both services as child processes, stopped on exit."""
 
@@ -55,7 +74,9 @@ class ServiceProcesses:
         inference_port: int | None = None,
         compositing_port: int | None = None,
         quiet: bool = False,
+        web_port: int | None = None,
     ):
+        """`web_port`: also serve the browser page and its WebSocket gateway there."""
         self.env = dict(os.environ if env is None else env)
         cfg = load_config(config, self.env)
         self.inference_port = inference_port or cfg.inference.port
@@ -63,14 +84,15 @@ class ServiceProcesses:
         self.env["INFERENCE_ADDRESS"] = f"localhost:{self.inference_port}"
         self.config = config
         self.quiet = quiet
+        self.web_port = web_port
         self.procs: list[subprocess.Popen] = []
 
     @property
     def address(self) -> str:
         return f"localhost:{self.compositing_port}"
 
-    def _spawn(self, module: str, port: int) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", module, "--port", str(port)]
+    def _spawn(self, module: str, port: int, *extra: str) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", module, "--port", str(port), *extra]
         if self.config:
             cmd += ["--config", self.config]
         out = subprocess.DEVNULL if self.quiet else None
@@ -84,6 +106,9 @@ class ServiceProcesses:
         try:
             wait_healthy(f"localhost:{self.inference_port}", timeout_s, inf)
             wait_healthy(self.address, timeout_s, comp)
+            if self.web_port:
+                web = self._spawn("lipsync.web", self.web_port, "--server", self.address)
+                wait_http(f"http://localhost:{self.web_port}/healthz", timeout_s, web)
         except BaseException:
             self.stop()
             raise
@@ -113,6 +138,7 @@ class ServiceProcesses:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="lipsync.launch", description=__doc__)
     ap.add_argument("--config", help="YAML config file (default: $LIPSYNC_CONFIG)")
+    ap.add_argument("--no-web", action="store_true", help="do not serve the browser page")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     stop = threading.Event()
@@ -122,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, handle)
     signal.signal(signal.SIGTERM, handle)
-    services = ServiceProcesses(args.config)
+    web_port = None if args.no_web else load_config(args.config).web.port
+    services = ServiceProcesses(args.config, web_port=web_port)
     t0 = time.perf_counter()
     try:
         services.start()

@@ -36,7 +36,7 @@ from lipsync.media import MediaError, write_jpeg_folder, write_mp4
 PROG = "lipsync-render"
 EXIT_ERROR = 2
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".m4v")
-DEFAULT_SERVER = os.environ.get("LIPSYNC_SERVER", "localhost:50052")
+DEFAULT_SERVER = os.environ.get("COMPOSITING_ADDRESS", "localhost:50052")
 
 
 class UsageError(ValueError):
@@ -165,7 +165,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--server",
         default=DEFAULT_SERVER,
-        help="compositing service address (default: $LIPSYNC_SERVER or %(default)s)",
+        help="compositing service address (default: $COMPOSITING_ADDRESS or %(default)s)",
     )
     p.add_argument(
         "--mode",
