@@ -20,7 +20,7 @@ def make_frame(width: int, height: int, i: int = 0) -> np.ndarray:
     rng = np.random.default_rng(i)
     small = rng.integers(0, 256, (height // 16, width // 16, 3), dtype=np.uint8)
     frame = cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC)
-    noise = rng.normal(0, 6, frame.shape)
+    noise = rng.normal(0, 3, frame.shape)  # about a camera frame's JPEG size
     frame = np.clip(frame + noise, 0, 255).astype(np.uint8)
     cx, cy = width // 2 + int(8 * np.sin(i / 5)), height // 2
     cv2.ellipse(frame, (cx, cy), (width // 8, height // 4), 0, 0, 360, (120, 150, 200), -1)

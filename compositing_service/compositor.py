@@ -8,6 +8,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
 from compositing_service.background_cache import AvatarFrames, pingpong
@@ -24,6 +25,9 @@ class BatchCrops:
 
 class Compositor:
     def __init__(self, jpeg_quality: int, workers: int = 0):
+        # Frames run in parallel on this pool; OpenCV's own threads on top would only
+        # oversubscribe the cores.
+        cv2.setNumThreads(1)
         self.jpeg = JpegEncoder(jpeg_quality)
         self.pool = ThreadPoolExecutor(
             max_workers=workers or os.cpu_count() or 2, thread_name_prefix="composite"
