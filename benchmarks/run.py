@@ -269,13 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     cfg = load_config()
     icfg = cfg.inference
-    opts = SessionOptions(
-        tuple(icfg.execution_providers),
-        icfg.device_id,
-        icfg.intra_op_threads,
-        icfg.inter_op_threads,
-        icfg.cuda_fp16,
-    )
+    opts = SessionOptions.from_config(icfg)
     root = OUT / "bench" / "avatars"
     print("building the bench avatar (reference-size networks, random weights, 1280x720)...")
     folder = bench_avatar.build(root)

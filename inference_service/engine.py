@@ -68,13 +68,7 @@ class InferenceEngine:
         self.cfg = cfg
         icfg = cfg.inference
         self.catalog = catalog or AvatarCatalog(cfg.avatars_path)
-        self.session_opts = SessionOptions(
-            providers=tuple(icfg.execution_providers),
-            device_id=icfg.device_id,
-            intra_op_threads=icfg.intra_op_threads,
-            inter_op_threads=icfg.inter_op_threads,
-            cuda_fp16=icfg.cuda_fp16,
-        )
+        self.session_opts = SessionOptions.from_config(icfg)
         b = icfg.batching
         self.batch_policy = BatchPolicy(b.enabled, b.max_batch, b.max_wait_ms / 1000.0)
         self._shared_encoder: AudioEncoder | None = None

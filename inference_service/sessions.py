@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from lipsync.config import InferenceConfig
+
 log = logging.getLogger(__name__)
 
 PROVIDER_ALIASES = {
@@ -58,6 +60,18 @@ class SessionOptions:
     inter_op_threads: int = 1
     # Convert to float16 (inputs/outputs stay float32) when running on CUDA.
     cuda_fp16: bool = False
+    allow_spinning: bool = True
+
+    @staticmethod
+    def from_config(icfg: InferenceConfig) -> SessionOptions:
+        return SessionOptions(
+            providers=tuple(icfg.execution_providers),
+            device_id=icfg.device_id,
+            intra_op_threads=icfg.intra_op_threads,
+            inter_op_threads=icfg.inter_op_threads,
+            cuda_fp16=icfg.cuda_fp16,
+            allow_spinning=icfg.allow_spinning,
+        )
 
 
 def to_float16(model_path: Path) -> bytes:
@@ -85,6 +99,9 @@ def create_session(
         so.intra_op_num_threads = opts.intra_op_threads
     so.inter_op_num_threads = max(1, opts.inter_op_threads)
     so.log_severity_level = 3
+    if not opts.allow_spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     providers = resolve_providers(list(opts.providers), opts.device_id)
     model = str(path) if isinstance(path, Path) else path
     first = providers[0] if isinstance(providers[0], str) else providers[0][0]

@@ -73,6 +73,9 @@ class InferenceConfig:
     shared_audio_encoder: str | None = None
     intra_op_threads: int = 0  # 0: onnxruntime's default (all cores)
     inter_op_threads: int = 1
+    # onnxruntime's worker threads busy-wait for work between runs: faster hand-offs,
+    # but the spinning takes CPU from anything sharing the cores (CPU-only deployments).
+    allow_spinning: bool = True
     max_workers: int = 16  # gRPC handler threads
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
