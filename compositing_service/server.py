@@ -9,13 +9,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
 
 from compositing_service.background_cache import BackgroundCache
 from compositing_service.compositor import Compositor
-from compositing_service.inference_client import InferenceClient
+from compositing_service.inference_client import InferenceClient, Mouths
 from compositing_service.streaming import StreamError, StreamSession
 from lipsync import __version__
 from lipsync.avatar_package import AvatarCatalog, AvatarError, UnknownModelError, check_model_id
@@ -63,6 +65,10 @@ class CompositingServicer(cpb_grpc.CompositingServiceServicer):
         self.compositor = compositor
         self._streams = 0
         self._streams_lock = threading.Lock()
+        # Inference calls of batch chunks (they wait on the network, not the CPU).
+        self._chunks = ThreadPoolExecutor(
+            max_workers=2 * cfg.compositing.max_workers, thread_name_prefix="infer-chunk"
+        )
 
     # -- InferBatchComposite ------------------------------------------------------------
     def _request_to_infer(self, req: cpb.CompositeBatchRequest) -> tuple[ipb.InferRequest, bool]:
@@ -129,45 +135,82 @@ class CompositingServicer(cpb_grpc.CompositingServiceServicer):
                 success=False, error=f"internal error: {type(exc).__name__}: {exc}"
             )
 
+    def _chunk_request(
+        self, base: ipb.InferRequest, own_crops: bool, k0: int, k1: int
+    ) -> ipb.InferRequest:
+        """The inference request for frames k0..k1-1 of a validated batch request."""
+        req = ipb.InferRequest(
+            model_id=base.model_id,
+            batch_size=k1 - k0,
+            clip_frame_offset=base.clip_frame_offset + k0,
+        )
+        if not own_crops:
+            req.visual_input = base.visual_input[k0 * VISUAL_BYTES : k1 * VISUAL_BYTES]
+        if base.HasField("clip"):
+            req.clip.CopyFrom(base.clip)
+        elif len(base.audio_features) == BLOCK_BYTES:
+            req.audio_features = base.audio_features
+        else:
+            req.audio_features = base.audio_features[k0 * BLOCK_BYTES : k1 * BLOCK_BYTES]
+        return req
+
     def _composite(
         self, request: cpb.CompositeBatchRequest, t_start: float
     ) -> cpb.CompositeBatchResponse:
+        """Crop, infer and paste in chunks of `compositing.inference_chunk` frames, with
+        the next chunk's inference running while this one is pasted and encoded."""
         model_id = check_model_id(request.model_id)
-        infer_req, own_crops = self._request_to_infer(request)
-        stages: dict[str, float] = {}
+        base, own_crops = self._request_to_infer(request)
+        stages: dict[str, float] = defaultdict(float)
         t0 = time.perf_counter()
         avatar = self.cache.get(model_id)
         stages["background_cache"] = (time.perf_counter() - t0) * 1e3
         indices = self.compositor.background_indices(
             avatar, request.start_frame_idx, request.batch_size
         )
-        crops = None
-        t0 = time.perf_counter()
-        if own_crops:
-            batch = self.compositor.crops(avatar, indices)
-            infer_req.face_crops = batch.inner.tobytes()
-            crops = batch.crops
-        t1 = time.perf_counter()
-        stages["crop"] = (t1 - t0) * 1e3
-        mouths = self.inference.infer(infer_req)
-        t2 = time.perf_counter()
-        inference_ms = (t2 - t1) * 1e3
-        remote = mouths.stage_times_ms
-        for k, v in remote.items():
-            stages[f"inference.{k}"] = v
-        remote_total = sum(v for k, v in remote.items() if k != "model_load")
-        stages["transfer"] = max(0.0, inference_ms - remote_total)
-        frames = self.compositor.composite(avatar, indices, mouths.pixels, crops)
-        t3 = time.perf_counter()
-        stages["paste_jpeg"] = (t3 - t2) * 1e3
-        composite_ms = stages["crop"] + stages["paste_jpeg"]
+        step = max(1, self.cfg.compositing.inference_chunk)
+        bounds = [(k, min(k + step, len(indices))) for k in range(0, len(indices), step)]
+
+        def infer(k0: int, k1: int) -> tuple[list | None, Mouths, float, float]:
+            t = time.perf_counter()
+            req = self._chunk_request(base, own_crops, k0, k1)
+            crops = None
+            if own_crops:
+                batch = self.compositor.crops(avatar, indices[k0:k1])
+                req.face_crops = batch.inner.tobytes()
+                crops = batch.crops
+            t_inf = time.perf_counter()
+            mouths = self.inference.infer(req)
+            return crops, mouths, (t_inf - t) * 1e3, (time.perf_counter() - t_inf) * 1e3
+
+        frames: list[bytes] = []
+        pending = [self._chunks.submit(infer, *b) for b in bounds[:2]]
+        gpu_id = -1
+        try:
+            for n, (k0, k1) in enumerate(bounds):
+                crops, mouths, crop_ms, inference_ms = pending[n].result()
+                if n + 2 < len(bounds):
+                    pending.append(self._chunks.submit(infer, *bounds[n + 2]))
+                stages["crop"] += crop_ms
+                stages["inference"] += inference_ms
+                for k, v in mouths.stage_times_ms.items():
+                    stages[f"inference.{k}"] += v
+                remote = sum(v for k, v in mouths.stage_times_ms.items() if k != "model_load")
+                stages["transfer"] += max(0.0, inference_ms - remote)
+                gpu_id = mouths.gpu_id
+                t = time.perf_counter()
+                frames += self.compositor.composite(avatar, indices[k0:k1], mouths.pixels, crops)
+                stages["paste_jpeg"] += (time.perf_counter() - t) * 1e3
+        finally:
+            for f in pending:
+                f.cancel()
         return cpb.CompositeBatchResponse(
             success=True,
             composited_frames=frames,
-            gpu_id=mouths.gpu_id,
-            inference_time_ms=inference_ms,
-            composite_time_ms=composite_ms,
-            total_time_ms=(t3 - t_start) * 1e3,
+            gpu_id=gpu_id,
+            inference_time_ms=stages["inference"],
+            composite_time_ms=stages["crop"] + stages["paste_jpeg"],
+            total_time_ms=(time.perf_counter() - t_start) * 1e3,
             stage_times_ms=stages,
             background_frame_indices=indices,
         )
@@ -321,6 +364,7 @@ class RunningCompositing:
         """Release the inference channel and worker threads (after the server stopped)."""
         self.servicer.inference.close()
         self.servicer.compositor.close()
+        self.servicer._chunks.shutdown(wait=False, cancel_futures=True)
 
 
 def start(cfg: Config, port: int | None = None, preload: bool = True) -> RunningCompositing:

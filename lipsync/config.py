@@ -33,8 +33,8 @@ GiB = 1 << 30
 class LimitsConfig:
     """Request limits, enforced by both services."""
 
-    max_batch_size: int = 128  # frames per InferBatchComposite request
-    max_message_bytes: int = 256 * MiB  # gRPC send/receive limit
+    max_batch_size: int = 1000  # frames per InferBatchComposite request (40 s of video)
+    max_message_bytes: int = 512 * MiB  # gRPC send/receive limit
     max_audio_seconds: float = 600.0  # length of one raw audio clip
 
 
@@ -107,6 +107,9 @@ class CompositingConfig:
     port: int = 50052
     inference_address: str = "localhost:50051"
     inference_timeout_s: float = 60.0
+    # InferBatchComposite works in chunks of this many frames: memory stays bounded and
+    # one chunk's inference overlaps the previous chunk's paste and JPEG.
+    inference_chunk: int = 32
     jpeg_quality: int = 90
     workers: int = 0  # threads for crop/paste/JPEG; 0: one per core
     max_workers: int = 32  # gRPC handler threads

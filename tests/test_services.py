@@ -289,3 +289,45 @@ def test_existing_clients_import_the_stub_modules():
         check=True,
     )
     assert out.stdout.strip() == "5"
+
+
+def test_large_batches_are_computed_in_pipelined_chunks(
+    services, avatars_root, shared_encoder, clip
+):
+    """With 3-frame chunks, every kind of input is cut into chunks and reassembled."""
+    from compositing_service.server import start
+    from tests.conftest import service_config
+
+    cfg = service_config(avatars_root, shared_encoder)
+    cfg.compositing.inference_address = services.inference_address
+    cfg.compositing.inference_chunk = 3
+    comp = start(cfg, port=0, preload=False)
+    oracle = Oracle(avatars_root / "alice")
+    rng = np.random.default_rng(7)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{comp.port}") as ch:
+            stub = cpb_grpc.CompositingServiceStub(ch)
+            resp = stub.InferBatchComposite(
+                cpb.CompositeBatchRequest(
+                    model_id="alice",
+                    raw_audio=clip.tobytes(),
+                    batch_size=10,
+                    start_frame_idx=2,
+                    clip_frame_offset=5,
+                )
+            )
+            assert_frames_match(resp, oracle.clip_frames(clip, batch=10, start=2, offset=5))
+            blocks = rng.standard_normal((7, 32, 16, 16)).astype(np.float32)
+            visual = rng.random((7, 6, 320, 320), dtype=np.float32)
+            resp = stub.InferBatchComposite(
+                cpb.CompositeBatchRequest(
+                    model_id="alice",
+                    audio_features=blocks.tobytes(),
+                    visual_frames=visual.tobytes(),
+                    batch_size=7,
+                )
+            )
+            expected = [oracle.frame(k, blocks[k], visual=visual[k]) for k in range(7)]
+            assert_frames_match(resp, expected)
+    finally:
+        comp.stop(0)
