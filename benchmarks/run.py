@@ -137,44 +137,45 @@ def bench_unet(
     return fps
 
 
-def bench_reference_loop(
-    folder: Path, opts: SessionOptions, frames: int, quality: int
-) -> tuple[float, str]:
-    """The reference script's way: per frame crop -> tensor -> UNet (batch 1) -> paste -> JPEG.
-
-    The audio features are computed up front for the clip, as the reference does. PyTorch
-    eager when torch is installed (the `convert` extra), else ONNX Runtime at batch 1.
-    """
-    avatar_frames = [cv2.imread(str(folder / "frames" / f"{i}.jpg")) for i in range(frames)]
-    rects = json.loads((folder / "crop_rects.json").read_text())
-    blocks = np.random.default_rng(1).standard_normal((frames, 32, 16, 16)).astype(np.float32)
-    params = [int(cv2.IMWRITE_JPEG_QUALITY), quality]
+def _torch_unet() -> Callable[[np.ndarray, np.ndarray], np.ndarray] | None:
+    """The reference UNet in PyTorch eager (same random weights), if torch is installed."""
     try:
         import torch
 
         from lipsync.nets import KIND_UNET, random_reference_state_dict
         from lipsync.nets.torch_nets import ReferenceUNet
-
-        net = ReferenceUNet().eval()
-        sd = random_reference_state_dict(KIND_UNET, 0)
-        net.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, strict=True)
-        torch.set_num_threads(os.cpu_count() or 1)
-
-        def unet(vis: np.ndarray, blk: np.ndarray) -> np.ndarray:
-            with torch.inference_mode():
-                return net(torch.from_numpy(vis[None]), torch.from_numpy(blk[None])).numpy()[0]
-
-        kind = f"PyTorch {torch.__version__} eager, batch 1"
     except ImportError:
-        sess = create_session(folder / "unet.onnx", opts, fp16_ok=True)
-        b = UNetBinding.of(sess)
+        return None
+    net = ReferenceUNet().eval()
+    sd = random_reference_state_dict(KIND_UNET, 0)
+    net.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, strict=True)
+    torch.set_num_threads(os.cpu_count() or 1)
 
-        def unet(vis: np.ndarray, blk: np.ndarray) -> np.ndarray:
-            return sess.run([b.output], {b.visual: vis[None], b.audio: blk[None]})[0][0]
+    def unet(vis: np.ndarray, blk: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return net(torch.from_numpy(vis[None]), torch.from_numpy(blk[None])).numpy()[0]
 
-        kind = "ONNX Runtime, batch 1 (PyTorch not installed)"
+    return unet
 
-    def loop(n: int) -> None:
+
+def bench_reference_loops(
+    folder: Path, opts: SessionOptions, frames: int, quality: int
+) -> dict[str, float]:
+    """The reference script's way: per frame crop -> tensor -> UNet (batch 1) -> paste -> JPEG,
+    with the clip's audio features computed up front, as the reference does. Frames per
+    second with the UNet in ONNX Runtime at batch 1, and in PyTorch eager when torch is
+    installed (the `convert` extra)."""
+    avatar_frames = [cv2.imread(str(folder / "frames" / f"{i}.jpg")) for i in range(frames)]
+    rects = json.loads((folder / "crop_rects.json").read_text())
+    blocks = np.random.default_rng(1).standard_normal((frames, 32, 16, 16)).astype(np.float32)
+    params = [int(cv2.IMWRITE_JPEG_QUALITY), quality]
+    sess = create_session(folder / "unet.onnx", opts, fp16_ok=True)
+    b = UNetBinding.of(sess)
+
+    def ort_unet(vis: np.ndarray, blk: np.ndarray) -> np.ndarray:
+        return sess.run([b.output], {b.visual: vis[None], b.audio: blk[None]})[0][0]
+
+    def loop(unet: Callable[[np.ndarray, np.ndarray], np.ndarray], n: int) -> None:
         for i in range(n):
             img = avatar_frames[i].copy()
             crop = face_crop(img, rects[i])
@@ -183,10 +184,15 @@ def bench_reference_loop(
             paste_back(img, rects[i], crop, mouth_to_uint8(pred))
             cv2.imencode(".jpg", img, params)
 
-    loop(2)  # warm up
-    t0 = time.perf_counter()
-    loop(frames)
-    return frames / (time.perf_counter() - t0), kind
+    out = {}
+    for name, unet in (("onnxruntime", ort_unet), ("pytorch", _torch_unet())):
+        if unet is None:
+            continue
+        loop(unet, 2)  # warm up
+        t0 = time.perf_counter()
+        loop(unet, frames)
+        out[name] = frames / (time.perf_counter() - t0)
+    return out
 
 
 # -- end to end ----------------------------------------------------------------------------
@@ -283,9 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     ceiling = unet_fps[best_batch]
     stages["unet"] = 1e3 / ceiling
     print("measuring the reference loop...")
-    ref_fps, ref_kind = bench_reference_loop(
+    ref_loops = bench_reference_loops(
         folder, opts, args.reference_frames, cfg.compositing.jpeg_quality
     )
+    ref_kind = "pytorch" if "pytorch" in ref_loops else "onnxruntime"
+    ref_fps = ref_loops[ref_kind]
     print("measuring end to end through both services...")
     env = dict(os.environ, AVATARS_DIR=str(root), LIPSYNC_LOG_LEVEL="WARNING")
     clients = [int(c) for c in args.clients.split(",")]
@@ -313,6 +321,10 @@ def main(argv: list[str] | None = None) -> int:
         "unet_ceiling_fps": ceiling,
         "reference_loop_fps": ref_fps,
         "reference_loop_kind": ref_kind,
+        "reference_loops_fps": ref_loops,
+        "ratio_e2e_to_reference_loops": {
+            k: e2e[ref_clients]["fps"] / v for k, v in ref_loops.items()
+        },
         "e2e_fps": {str(c): r["fps"] for c, r in e2e.items()},
         "e2e": {str(c): r for c, r in e2e.items()},
         "e2e_batch_size": args.batch_size,
@@ -344,7 +356,9 @@ def print_report(r: dict) -> None:
         print(f"  batch {b:<18} {v:8.2f}")
     best = r["unet_best_batch"]
     print(f"\nceiling (UNet alone, best batch {best}): {r['unet_ceiling_fps']:.2f} frames/s")
-    print(f"reference loop ({r['reference_loop_kind']}): {r['reference_loop_fps']:.2f} frames/s")
+    for kind, fps in r["reference_loops_fps"].items():
+        mark = " <- the reference's way" if kind == r["reference_loop_kind"] else ""
+        print(f"reference loop, one frame at a time, UNet in {kind}: {fps:.2f} frames/s{mark}")
     print(f"\nend to end, {r['e2e_batch_size']} frames per request, raw audio in, JPEG out:")
     print("  clients   frames/s   p50 ms   p95 ms")
     for c, e in r["e2e"].items():
@@ -355,7 +369,8 @@ def print_report(r: dict) -> None:
     )
     c = r["ratio_clients"]
     print(f"\nratio e2e ({c} clients) / ceiling:        {r['ratio_e2e_to_ceiling']:.2f}")
-    print(f"ratio e2e ({c} clients) / reference loop: {r['ratio_e2e_to_reference_loop']:.2f}")
+    for kind, ratio in r["ratio_e2e_to_reference_loops"].items():
+        print(f"ratio e2e ({c} clients) / reference loop ({kind}): {ratio:.2f}")
     print(f"mel + audio encoder share of frame time:  {100 * r['audio_share_of_frame_time']:.2f} %")
 
 

@@ -70,7 +70,9 @@ class InferenceEngine:
         self.catalog = catalog or AvatarCatalog(cfg.avatars_path)
         self.session_opts = SessionOptions.from_config(icfg)
         b = icfg.batching
-        self.batch_policy = BatchPolicy(b.enabled, b.max_batch, b.max_wait_ms / 1000.0)
+        self.batch_policy = BatchPolicy(
+            b.enabled, b.max_batch, b.max_wait_ms / 1000.0, b.cpu_max_batch
+        )
         self._shared_encoder: AudioEncoder | None = None
         if icfg.shared_audio_encoder:
             self._shared_encoder = AudioEncoder(

@@ -28,8 +28,17 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class BatchPolicy:
     enabled: bool = True
-    max_batch: int = 32
+    max_batch: int = 32  # UNet frames per run on a GPU
     max_wait_s: float = 0.002
+    cpu_max_batch: int = 4  # ... when the UNet runs on the CPU
+
+    def for_provider(self, provider: str) -> BatchPolicy:
+        """The policy for a network running on `provider`."""
+        if provider == "CPUExecutionProvider":
+            return BatchPolicy(
+                self.enabled, self.cpu_max_batch, self.max_wait_s, self.cpu_max_batch
+            )
+        return self
 
 
 class _Runner:
@@ -130,5 +139,5 @@ def load_networks(
         provider=main_provider(unet),
         runner=None,  # type: ignore[arg-type]
     )
-    nets.runner = _Runner(nets._run, policy, f"unet:{model_id}")
+    nets.runner = _Runner(nets._run, policy.for_provider(nets.provider), f"unet:{model_id}")
     return nets

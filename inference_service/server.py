@@ -128,7 +128,13 @@ class InferenceServicer(ipb_grpc.InferenceServiceServicer):
         else:
             raise _bad("audio is required (clip or audio_features)")
         return DecodedInfer(
-            req.model_id, b, face_crops, visual, clip, features, req.clip_frame_offset,
+            req.model_id,
+            b,
+            face_crops,
+            visual,
+            clip,
+            features,
+            req.clip_frame_offset,
             req.clip.sample_offset if clip is not None else 0,
         )
 

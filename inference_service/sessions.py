@@ -60,7 +60,7 @@ class SessionOptions:
     inter_op_threads: int = 1
     # Convert to float16 (inputs/outputs stay float32) when running on CUDA.
     cuda_fp16: bool = False
-    allow_spinning: bool = True
+    allow_spinning: bool = False
 
     @staticmethod
     def from_config(icfg: InferenceConfig) -> SessionOptions:

@@ -74,7 +74,7 @@ def engines(avatars_root, shared_encoder):
     def make(enabled: bool) -> InferenceEngine:
         cfg = service_config(avatars_root, shared_encoder)
         cfg.inference.batching.enabled = enabled
-        cfg.inference.batching.max_batch = 8
+        cfg.inference.batching.max_batch = cfg.inference.batching.cpu_max_batch = 8
         cfg.inference.batching.max_wait_ms = 500.0  # wide: the test must not depend on timing
         return InferenceEngine(cfg)
 
@@ -107,3 +107,11 @@ def test_batched_results_equal_unbatched(engines):
         np.testing.assert_allclose(g, e, rtol=0, atol=1e-6)
     unet_batcher = on.registry.get("alice").runner.batcher
     assert unet_batcher is not None and unet_batcher.stats.runs < unet_batcher.stats.requests
+
+
+def test_cpu_runs_use_the_cpu_batch_cap():
+    from inference_service.networks import BatchPolicy
+
+    p = BatchPolicy(True, 32, 0.002, 4)
+    assert p.for_provider("CPUExecutionProvider").max_batch == 4
+    assert p.for_provider("CUDAExecutionProvider").max_batch == 32
