@@ -17,6 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from compositing_service.jpeg import EncodedRows, JpegEncoder
 from lipsync.avatar_package import AvatarCatalog, AvatarError, check_rects_fit
 
 log = logging.getLogger(__name__)
@@ -41,24 +42,20 @@ class AvatarFrames:
     rects: np.ndarray  # [N, 4] int64 x1, y1, x2, y2
     nbytes: int
     load_ms: float
-    _idle: dict[tuple[int, int], bytes] = field(default_factory=dict)
-    _idle_lock: threading.Lock = field(default_factory=threading.Lock)
+    _encoded: dict[tuple[int, int], EncodedRows] = field(default_factory=dict)
+    _encoded_lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def idle_jpeg(self, index: int, quality: int) -> bytes:
-        """Background frame `index` as it is (the avatar idling), JPEG-encoded once."""
-        key = (index, quality)
-        with self._idle_lock:
-            data = self._idle.get(key)
-        if data is None:
-            ok, buf = cv2.imencode(
-                ".jpg", self.frames[index], [int(cv2.IMWRITE_JPEG_QUALITY), quality]
-            )
-            if not ok:
-                raise RuntimeError("JPEG encoding failed")
-            data = buf.tobytes()
-            with self._idle_lock:
-                self._idle[key] = data
-        return data
+    def encoded(self, index: int, encoder: JpegEncoder) -> EncodedRows:
+        """Background frame `index` JPEG-encoded by rows (once per quality): the idle frame
+        as it is, and the rows composited frames splice their changed band into."""
+        key = (index, encoder.quality)
+        with self._encoded_lock:
+            rows = self._encoded.get(key)
+        if rows is None:
+            rows = encoder.encode_rows(self.frames[index])
+            with self._encoded_lock:
+                self._encoded[key] = rows
+        return rows
 
     @property
     def count(self) -> int:

@@ -51,14 +51,20 @@ class Compositor:
         mouths: np.ndarray,
         crops: list[np.ndarray] | None = None,
     ) -> list[bytes]:
-        """Paste mouths (uint8 [B,320,320,3]) into copies of the frames; JPEG each."""
+        """Paste mouths (uint8 [B,320,320,3]) into the frames (never changing the cached
+        ones); JPEG each."""
 
         def one(k: int) -> bytes:
             i = indices[k]
-            frame = avatar.frames[i].copy()
+            frame = avatar.frames[i]
+            x1, y1, x2, y2 = (int(v) for v in avatar.rects[i])
             crop = crops[k] if crops is not None else face_crop(frame, avatar.rects[i])
-            paste_back(frame, avatar.rects[i], crop, mouths[k])
-            return self.jpeg.encode(frame)
+            # Only the MCU rows the rect touches change: paste into a copy of that band and
+            # encode just the band (compositing_service/jpeg.py).
+            top, bottom = JpegEncoder.band(y1, y2, frame.shape[0])
+            band = frame[top:bottom].copy()
+            paste_back(band, (x1, y1 - top, x2, y2 - top), crop, mouths[k])
+            return self.jpeg.encode_band(avatar.encoded(i, self.jpeg), band, top)
 
         return list(self.pool.map(one, range(len(indices))))
 

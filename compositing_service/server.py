@@ -311,14 +311,14 @@ class CompositingServicer(cpb_grpc.CompositingServiceServicer):
             try:
                 model_id = check_model_id(start.model_id)
                 avatar = self.cache.get(model_id)
-                quality = self.compositor.jpeg.quality
+                encoder = self.compositor.jpeg
                 session = StreamSession(
                     start,
                     avatar,
                     self.inference,
                     self.compositor,
                     self.cfg.compositing.stream,
-                    lambda i: avatar.idle_jpeg(i, quality),
+                    lambda i: avatar.encoded(i, encoder).data,
                 )
             except UnknownModelError as exc:
                 context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
