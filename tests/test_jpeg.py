@@ -38,6 +38,7 @@ def test_restart_markers_do_not_change_the_pixels():
     img = make_frames(1, 640, 360, seed=1)[0]
     ours = cv2.imdecode(np.frombuffer(JpegEncoder(90).encode(img), np.uint8), cv2.IMREAD_COLOR)
     ok, plain = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    assert ok
     assert np.array_equal(ours, cv2.imdecode(plain, cv2.IMREAD_COLOR))
 
 
