@@ -43,8 +43,11 @@ lint: setup
 demo: setup
 	$(PY) -m lipsync.demo
 
+# PyTorch (the `convert` extra) runs the reference script's way beside ours.
 bench: setup
+	$(PIP) install -q -e ".[convert]"
 	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.stream_latency
 
 clean:
 	rm -rf $(VENV) out shared_proto/*_pb2*.py shared_proto/*_pb2*.pyi
