@@ -123,6 +123,16 @@ class InferenceEngine:
         if sample_offset < 0 or sample_offset % TAIL_ALIGN:
             raise RequestError(f"sample_offset must be a multiple of {TAIL_ALIGN} samples")
         idx = np.asarray(frame_indices, dtype=np.int64)
+        # Only the span of the clip these frames depend on: from the aligned tail start
+        # behind the first frame to the last frame's lookahead (the whole rest when the
+        # frames reach the clip's end). Same blocks, and the cost of a batch no longer
+        # grows with the clip's length (audio.samples_needed, tests/test_stream_semantics).
+        total = sample_offset + len(samples)
+        start = max(sample_offset, audio.tail_offset(int(idx.min())))
+        stop = min(total, audio.samples_needed(int(idx.max())))
+        if stop < total or start > sample_offset:
+            samples = samples[start - sample_offset : stop - sample_offset]
+            sample_offset = start
         t0 = time.perf_counter()
         mel = audio.melspectrogram(samples)
         t0 = timings.add("mel", t0)

@@ -3,8 +3,11 @@ a dynamic batcher (or, with batching off, run one request at a time)."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,11 +68,19 @@ class _Runner:
 
 
 class AudioEncoder:
-    """[n, 1, 80, 16] mel windows -> [n, 512] features."""
+    """[n, 1, 80, 16] mel windows -> [n, 512] features.
+
+    Consecutive requests of a clip (batches stepping through it, or a stream's tails)
+    share the context windows around their frames, so encoded rows are kept in an LRU
+    cache keyed by the window's bytes: each window is encoded once. The encoder is small;
+    its session runs on one thread so it never competes with the UNet for every core.
+    """
+
+    CACHE_ROWS = 8192  # 16 MiB of features
 
     def __init__(self, path: Path, opts: SessionOptions, policy: BatchPolicy):
         self.path = path
-        self.session = create_session(path, opts)
+        self.session = create_session(path, dataclasses.replace(opts, intra_op_threads=1))
         self.binding = EncoderBinding.of(self.session, str(path))
         check_encoder(self.session, self.binding, str(path))
         self.nbytes = path.stat().st_size
@@ -77,13 +88,36 @@ class AudioEncoder:
         # The encoder is small: let runs grow larger than the UNet's.
         enc_policy = BatchPolicy(policy.enabled, max(256, policy.max_batch), policy.max_wait_s)
         self._runner = _Runner(self._run, enc_policy, f"encoder:{path.parent.name}")
+        self._cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._cache_lock = threading.Lock()
+        self.hits = self.misses = 0
 
     def _run(self, windows: np.ndarray) -> np.ndarray:
         b = self.binding
         return self.session.run([b.output], {b.input: np.ascontiguousarray(windows)})[0]
 
     def encode(self, windows: np.ndarray) -> np.ndarray:
-        return self._runner(windows)
+        keys = [hashlib.blake2b(w.tobytes(), digest_size=16).digest() for w in windows]
+        out = np.empty((len(windows), 512), np.float32)
+        missing = []
+        with self._cache_lock:
+            for i, key in enumerate(keys):
+                row = self._cache.get(key)
+                if row is None:
+                    missing.append(i)
+                else:
+                    out[i] = row
+                    self._cache.move_to_end(key)
+            self.hits += len(keys) - len(missing)
+            self.misses += len(missing)
+        if missing:
+            out[missing] = self._runner(windows[missing])
+            with self._cache_lock:
+                for i in missing:
+                    self._cache[keys[i]] = out[i].copy()
+                while len(self._cache) > self.CACHE_ROWS:
+                    self._cache.popitem(last=False)
+        return out
 
 
 @dataclass

@@ -115,3 +115,24 @@ def test_cpu_runs_use_the_cpu_batch_cap():
     p = BatchPolicy(True, 32, 0.002, 4)
     assert p.for_provider("CPUExecutionProvider").max_batch == 4
     assert p.for_provider("CUDAExecutionProvider").max_batch == 32
+
+
+def test_encoder_rows_are_encoded_once_across_requests(engines):
+    """Batches stepping through a clip share context windows: the cache encodes each once,
+    and cached rows equal freshly computed ones."""
+    _, off = engines
+    clip = speech_like(2.0, seed=11)
+    crops = np.zeros((8, 320, 320, 3), np.uint8)
+    enc = off.registry.get("alice").encoder
+    fresh = [
+        off.infer("alice", 8, face_crops=crops, clip=clip, clip_frame_offset=k).mouths
+        for k in (0, 8, 16)
+    ]
+    misses = enc.misses
+    again = [
+        off.infer("alice", 8, face_crops=crops, clip=clip, clip_frame_offset=k).mouths
+        for k in (0, 8, 16)
+    ]
+    assert enc.misses == misses  # nothing encoded twice
+    for a, b in zip(fresh, again, strict=True):
+        np.testing.assert_array_equal(a, b)

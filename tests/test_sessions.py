@@ -39,9 +39,7 @@ def test_unet_inputs_bind_by_shape_not_name(tmp_path):
     # Rename and swap the inputs: binding must still find visual (6 ch) and audio (32 ch).
     model.graph.input[0].name, model.graph.input[1].name = "zz_visual", "aa_audio"
     for node in model.graph.node:
-        node.input[:] = [
-            {"input": "zz_visual", "audio": "aa_audio"}.get(i, i) for i in node.input
-        ]
+        node.input[:] = [{"input": "zz_visual", "audio": "aa_audio"}.get(i, i) for i in node.input]
     inputs = list(model.graph.input)
     del model.graph.input[:]
     model.graph.input.extend(reversed(inputs))
