@@ -13,7 +13,6 @@ import datetime as dt
 import json
 import os
 import platform
-import socket
 import statistics
 import threading
 import time
@@ -30,21 +29,13 @@ from compositing_service.jpeg import EncodedRows, JpegEncoder
 from inference_service import audio
 from inference_service.sessions import SessionOptions, UNetBinding, create_session
 from lipsync.config import load_config
-from lipsync.launch import ServiceProcesses
+from lipsync.launch import ServiceProcesses, free_port
 from lipsync.proto import compositing_pb2 as cpb
 from lipsync.proto import compositing_pb2_grpc as cpb_grpc
+from lipsync.signals import speech_like
 from lipsync.visual import face_crop, inner, mouth_to_uint8, paste_back, visual_input
 
 OUT = Path("out")
-
-
-def speech_like(seconds: float, sr: int = 16000, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * sr)) / sr
-    phase = 2 * np.pi * np.cumsum(120 + 30 * np.sin(2 * np.pi * 0.7 * t)) / sr
-    voiced = sum(np.sin(k * phase) / k for k in range(1, 12))
-    env = np.clip(np.sin(2 * np.pi * 3.1 * t) + 0.3, 0, None)
-    return (0.25 * env * voiced + 0.02 * rng.standard_normal(len(t))).astype(np.float32)
 
 
 def median_time(fn: Callable[[], object], repeat: int, warmup: int = 1) -> float:
@@ -66,12 +57,6 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- stages --------------------------------------------------------------------------------

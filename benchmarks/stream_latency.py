@@ -25,11 +25,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from benchmarks.run import cpu_name, free_port, speech_like
+from benchmarks.run import cpu_name
 from inference_service import audio
-from lipsync.launch import ServiceProcesses
+from lipsync.launch import ServiceProcesses, free_port
 from lipsync.proto import compositing_pb2 as cpb
 from lipsync.proto import compositing_pb2_grpc as cpb_grpc
+from lipsync.signals import speech_like
 
 CHUNK = 320  # 20 ms at 16 kHz
 LOOKAHEAD_MS = max(audio.samples_needed(i) / 16 - 40 * i for i in range(100))

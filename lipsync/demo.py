@@ -28,7 +28,7 @@ from lipsync.avatar_package import MANIFEST_NAME, AvatarCatalog
 from lipsync.cli.render import UsageError, check_model, output_kind, render_to
 from lipsync.client import LipsyncClient, LipsyncError, load_audio
 from lipsync.config import ConfigError, load_config
-from lipsync.launch import ServiceProcesses
+from lipsync.launch import ServiceProcesses, free_port
 from lipsync.media import MediaError
 
 PROG = "lipsync.demo"
@@ -49,13 +49,6 @@ def port_free(port: int, host: str = "") -> bool:
     return True
 
 
-def free_port() -> int:
-    """A TCP port free now (the OS's pick)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return int(s.getsockname()[1])
-
-
 def pick_ports(inference_port: int, compositing_port: int) -> tuple[int, int]:
     """The configured ports, or free ones in place of those already taken."""
     inf = inference_port if port_free(inference_port) else free_port()
@@ -68,11 +61,16 @@ def pick_ports(inference_port: int, compositing_port: int) -> tuple[int, int]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default="demo", help="avatar name (default: demo)")
-    p.add_argument("--audio", type=Path, default=DEFAULT_AUDIO,
-                   help="speech file (default: assets/speech/demo.wav)")
+    p.add_argument(
+        "--audio",
+        type=Path,
+        default=DEFAULT_AUDIO,
+        help="speech file (default: assets/speech/demo.wav)",
+    )
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output video (default: out/demo.mp4)")
     p.add_argument("--config", help="YAML config file (default: $LIPSYNC_CONFIG)")
     p.add_argument("--batch-size", type=int, default=24, help="frames per request (default 24)")
@@ -104,26 +102,36 @@ def run(args: argparse.Namespace) -> int:
     audio, seconds = load_audio(args.audio)
     inf_port, comp_port = pick_ports(cfg.inference.port, cfg.compositing.port)
     if (inf_port, comp_port) != (cfg.inference.port, cfg.compositing.port):
-        print(f"{PROG}: default ports busy; using {inf_port} (inference) and {comp_port} "
-              "(compositing)", file=sys.stderr)
+        print(
+            f"{PROG}: default ports busy; using {inf_port} (inference) and {comp_port} "
+            "(compositing)",
+            file=sys.stderr,
+        )
     env = dict(os.environ)
     if not args.verbose:
         env.setdefault("LIPSYNC_LOG_LEVEL", "WARNING")
     print(f"{PROG}: starting the services ...", file=sys.stderr)
-    services = ServiceProcesses(args.config, env=env, inference_port=inf_port,
-                                compositing_port=comp_port)
+    services = ServiceProcesses(
+        args.config, env=env, inference_port=inf_port, compositing_port=comp_port
+    )
     with services:
         t_ready = time.perf_counter()
-        print(f"{PROG}: services ready in {t_ready - t_start:.1f} s at {services.address}; "
-              f"rendering {seconds:.2f} s of audio with {args.model!r}", file=sys.stderr)
+        print(
+            f"{PROG}: services ready in {t_ready - t_start:.1f} s at {services.address}; "
+            f"rendering {seconds:.2f} s of audio with {args.model!r}",
+            file=sys.stderr,
+        )
         with LipsyncClient(services.address, timeout_s=300.0) as client:
             check_model(client, args.model)
-            summary = render_to(client, args.model, audio, args.out,
-                                batch_size=args.batch_size, progress=True)
+            summary = render_to(
+                client, args.model, audio, args.out, batch_size=args.batch_size, progress=True
+            )
     total = time.perf_counter() - t_start
-    print(f"{summary.out}: {summary.frames} frames, {summary.video_seconds:.2f} s of video "
-          f"({seconds:.2f} s of audio); rendered in {summary.render_seconds:.1f} s "
-          f"({summary.fps:.1f} frames/s), {total:.1f} s in all with service start-up")
+    print(
+        f"{summary.out}: {summary.frames} frames, {summary.video_seconds:.2f} s of video "
+        f"({seconds:.2f} s of audio); rendered in {summary.render_seconds:.1f} s "
+        f"({summary.fps:.1f} frames/s), {total:.1f} s in all with service start-up"
+    )
     return 0
 
 
@@ -135,8 +143,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         return run(args)
-    except (LipsyncError, MediaError, UsageError, ConfigError, OSError,
-            RuntimeError, TimeoutError) as exc:
+    except (
+        LipsyncError,
+        MediaError,
+        UsageError,
+        ConfigError,
+        OSError,
+        RuntimeError,
+        TimeoutError,
+    ) as exc:
         print(f"{PROG}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

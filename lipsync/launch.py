@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -45,6 +46,13 @@ def wait_healthy(address: str, timeout_s: float, proc: subprocess.Popen | None =
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{address} not healthy after {timeout_s:.0f} s")
             time.sleep(0.1)
+
+
+def free_port() -> int:
+    """A TCP port free now (the OS's pick)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
 
 
 def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:

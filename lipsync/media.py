@@ -57,18 +57,42 @@ def _write_wav16(path: Path, audio16k: np.ndarray, n_samples: int) -> None:
     sf.write(str(path), fitted, AUDIO_RATE, subtype="PCM_16")
 
 
-def encode_command(ffmpeg: str, video: Path, fps: int = 25, crf: int = 18,
-                   preset: str = "veryfast") -> list[str]:
+def encode_command(
+    ffmpeg: str, video: Path, fps: int = 25, crf: int = 18, preset: str = "veryfast"
+) -> list[str]:
     """Step 1 of `write_mp4`: JPEGs on stdin to an H.264 stream in `video` (no audio)."""
     return [
-        ffmpeg, "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
+        ffmpeg,
+        "-hide_banner",
+        "-nostdin",
+        "-loglevel",
+        "error",
+        "-y",
         # concatenated JPEGs on stdin, one per frame at `fps`
-        "-f", "image2pipe", "-framerate", str(fps), "-c:v", "mjpeg", "-i", "pipe:0",
+        "-f",
+        "image2pipe",
+        "-framerate",
+        str(fps),
+        "-c:v",
+        "mjpeg",
+        "-i",
+        "pipe:0",
         # even dimensions for yuv420p (odd ones padded with a black row/column), and
         # limited-range yuv420p rather than the JPEGs' full-range yuvj420p
-        "-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2,scale=in_range=pc:out_range=tv,format=yuv420p",
-        "-c:v", "libx264", "-preset", preset, "-crf", str(crf), "-pix_fmt", "yuv420p",
-        "-r", str(fps), "-an", str(video),
+        "-vf",
+        "pad=ceil(iw/2)*2:ceil(ih/2)*2,scale=in_range=pc:out_range=tv,format=yuv420p",
+        "-c:v",
+        "libx264",
+        "-preset",
+        preset,
+        "-crf",
+        str(crf),
+        "-pix_fmt",
+        "yuv420p",
+        "-r",
+        str(fps),
+        "-an",
+        str(video),
     ]
 
 
@@ -76,9 +100,26 @@ def mux_command(ffmpeg: str, video: Path, wav: Path, out: Path) -> list[str]:
     """Step 2 of `write_mp4`: the H.264 stream copied, the wav (already cut to the video's
     length) encoded to AAC."""
     cmd = [
-        ffmpeg, "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
-        "-i", str(video), "-i", str(wav), "-map", "0:v:0", "-map", "1:a:0",
-        "-c:v", "copy", "-c:a", "aac", "-b:a", "96k",
+        ffmpeg,
+        "-hide_banner",
+        "-nostdin",
+        "-loglevel",
+        "error",
+        "-y",
+        "-i",
+        str(video),
+        "-i",
+        str(wav),
+        "-map",
+        "0:v:0",
+        "-map",
+        "1:a:0",
+        "-c:v",
+        "copy",
+        "-c:a",
+        "aac",
+        "-b:a",
+        "96k",
     ]
     if out.suffix.lower() in (".mp4", ".mov", ".m4v"):
         cmd += ["-movflags", "+faststart"]
@@ -93,14 +134,16 @@ def _tail(lines: Iterable[str]) -> str:
 def _encode_video(cmd: list[str], jpeg_frames: Iterable[bytes]) -> int:
     """Pipe the frames into ffmpeg; returns how many. ffmpeg is stopped if the iterable
     raises."""
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     assert proc.stdin is not None and proc.stderr is not None
     tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
     stderr = proc.stderr
     reader = threading.Thread(
         target=lambda: tail.extend(b.decode("utf-8", "replace") for b in stderr),
-        name="ffmpeg-stderr", daemon=True,
+        name="ffmpeg-stderr",
+        daemon=True,
     )
     reader.start()
     count = 0
@@ -159,8 +202,10 @@ def write_mp4(
             _write_wav16(wav, audio16k, count * AUDIO_RATE // fps)
             run = _run(mux_command(ffmpeg, video, wav, out))
             if run.returncode != 0:
-                raise MediaError(f"ffmpeg failed (exit code {run.returncode}): "
-                                 f"{_tail(run.stderr.splitlines()[-STDERR_TAIL_LINES:])}")
+                raise MediaError(
+                    f"ffmpeg failed (exit code {run.returncode}): "
+                    f"{_tail(run.stderr.splitlines()[-STDERR_TAIL_LINES:])}"
+                )
         ok = True
         return count
     finally:
@@ -213,8 +258,11 @@ def probe(path: Path | str) -> dict[str, Any]:
         m = _STREAM.match(line)
         if not m:
             continue
-        s: dict[str, Any] = {"index": int(m.group(1)), "type": m.group(2).lower(),
-                             "codec": m.group(3)}
+        s: dict[str, Any] = {
+            "index": int(m.group(1)),
+            "type": m.group(2).lower(),
+            "codec": m.group(3),
+        }
         rest = m.group(4)
         if s["type"] == "video":
             if size := _SIZE.search(rest):
@@ -232,8 +280,25 @@ def probe(path: Path | str) -> dict[str, Any]:
     audio = next((s for s in streams if s["type"] == "audio"), None)
     frames = None
     if video is not None:
-        run = _run([ffmpeg, "-hide_banner", "-nostdin", "-nostats", "-i", str(path),
-                    "-map", "0:v:0", "-c", "copy", "-f", "null", "-progress", "pipe:1", os.devnull])
+        run = _run(
+            [
+                ffmpeg,
+                "-hide_banner",
+                "-nostdin",
+                "-nostats",
+                "-i",
+                str(path),
+                "-map",
+                "0:v:0",
+                "-c",
+                "copy",
+                "-f",
+                "null",
+                "-progress",
+                "pipe:1",
+                os.devnull,
+            ]
+        )
         counts = _PROGRESS_FRAME.findall(run.stdout)
         frames = int(counts[-1]) if counts else None
     get: Callable[[str], Any] = lambda k: video.get(k) if video else None  # noqa: E731

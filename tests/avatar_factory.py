@@ -9,7 +9,10 @@ import cv2
 import numpy as np
 import yaml
 
+from lipsync.signals import speech_like
 from tests.onnx_models import build_test_encoder, build_test_unet
+
+__all__ = ["make_avatar", "make_frames", "make_rects", "speech_like"]
 
 
 def make_frames(n: int, width: int, height: int, seed: int = 0) -> list[np.ndarray]:
@@ -68,15 +71,3 @@ def make_avatar(
         manifest["audio_encoder"] = "audio_encoder.onnx"
     (folder / "avatar.yaml").write_text(yaml.safe_dump(manifest))
     return folder
-
-
-def speech_like(seconds: float, sr: int = 16000, seed: int = 0) -> np.ndarray:
-    """A speech-like test signal: voiced harmonics with syllable-rate envelope and noise."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * sr)) / sr
-    f0 = 120 + 30 * np.sin(2 * np.pi * 0.7 * t)
-    phase = 2 * np.pi * np.cumsum(f0) / sr
-    voiced = sum(np.sin(k * phase) / k for k in range(1, 12))
-    env = np.clip(np.sin(2 * np.pi * 3.1 * t) + 0.3, 0, None)
-    sig = 0.25 * env * voiced + 0.02 * rng.standard_normal(len(t))
-    return sig.astype(np.float32)

@@ -15,6 +15,7 @@ import soundfile as sf
 from inference_service.audio import clip_frame_count
 from lipsync.cli import render as render_cli
 from lipsync.client import LipsyncClient, LipsyncError, clip_frames, load_audio, to_pcm16
+from lipsync.launch import free_port
 from lipsync.media import MediaError, probe, write_jpeg_folder, write_mp4
 from tests import reference_impl as ref
 from tests.avatar_factory import speech_like
@@ -73,12 +74,6 @@ def test_stream_mode_render_equals_batch_mode(client, clip, rendered):
         diff = np.abs(decode_jpeg(a).astype(int) - decode_jpeg(b).astype(int)).max()
         assert diff <= 2
     assert calls[-1] == (len(rendered), len(rendered))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- client ---------------------------------------------------------------------------------
