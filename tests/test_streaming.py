@@ -214,11 +214,14 @@ def test_realtime_session_speech_silence_speech_interrupt(stub):
     assert all(f.pts_ms == 40.0 * f.index for f in received)
     clips = {f.clip for f in received if f.generated}
     assert clips == {0, 1}  # the pause ended the first clip; the second speech is a new one
-    gen0 = [f for f in received[:n_before_second] if f.generated]
+    gen0 = [f for f in received if f.generated and f.clip == 0]
+    gen1 = [f for f in received if f.generated and f.clip == 1]
     assert len(gen0) == audio.clip_frame_count(1 + len(speech) // audio.HOP)
-    # during the silence the avatar idled
-    between = [f for f in received if not f.generated and gen0[-1].index < f.index]
-    assert between and not any(f.speech for f in between)
+    assert [f.clip_frame for f in gen0] == list(range(len(gen0)))
+    assert any(f.speech for f in gen0) and gen1
+    # between the two clips the avatar idled
+    between = [f for f in received if gen0[-1].index < f.index < gen1[0].index]
+    assert between and not any(f.generated or f.speech for f in between)
     # after the interrupt the stream went back to idle frames and kept going
     assert not received[-1].generated
     assert n_at_close > n_before_second
