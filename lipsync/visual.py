@@ -130,11 +130,13 @@ def mouth_to_uint8(pred: np.ndarray) -> np.ndarray:
     if p.dtype.kind != "f":
         raise ValueError(f"pred must be a float array, got {p.dtype}")
     dtype = np.float64 if p.dtype == np.float64 else np.float32
-    y = np.multiply(p, dtype(255.0), dtype=dtype)
+    axes = (0, 2, 3, 1) if p.ndim == 4 else (1, 2, 0)
+    hwc = p.transpose(axes)
+    # CHW -> HWC while scaling (one pass fewer than transposing the uint8 result)
+    y = np.empty(hwc.shape, dtype)
+    np.multiply(hwc, dtype(255.0), out=y)
     np.clip(y, 0.0, 255.0, out=y)
-    u8 = y.astype(np.uint8)  # truncation toward zero
-    axes = (0, 2, 3, 1) if u8.ndim == 4 else (1, 2, 0)
-    return np.ascontiguousarray(u8.transpose(axes))
+    return y.astype(np.uint8)  # truncation toward zero; C-contiguous
 
 
 def paste_back(frame: np.ndarray, rect: Rect, crop: np.ndarray, mouth_u8: np.ndarray) -> None:
