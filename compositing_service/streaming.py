@@ -177,16 +177,11 @@ class _Planned:
 
 
 def decode_chunk(data: bytes, encoding: int) -> np.ndarray:
-    if encoding == cpb.PCM_S16LE:
-        if len(data) % 2:
-            raise StreamError(f"audio chunk of {len(data)} bytes is not whole int16 samples")
-        return np.frombuffer(data, "<i2").astype(np.float32) / 32768.0
-    if len(data) % 4:
-        raise StreamError(f"audio chunk of {len(data)} bytes is not whole float32 samples")
-    x = np.frombuffer(data, "<f4").astype(np.float32)
-    if not np.all(np.isfinite(x)):
-        raise StreamError("audio chunk contains NaN or infinite samples")
-    return x
+    """A stream's audio chunk as float32 samples at the stream's rate."""
+    try:
+        return audio.pcm_samples(data, "s16le" if encoding == cpb.PCM_S16LE else "f32le")
+    except audio.AudioError as exc:
+        raise StreamError(f"audio chunk: {exc}") from exc
 
 
 class StreamSession:
@@ -199,11 +194,10 @@ class StreamSession:
         settings: StreamConfig,
         idle_jpeg,  # Callable[[int], bytes]: JPEG of background frame i, unmodified
     ):
-        rate = start.sample_rate or audio.SAMPLE_RATE
-        if not audio.MIN_INPUT_RATE <= rate <= audio.MAX_INPUT_RATE:
-            raise StreamError(
-                f"sample_rate {rate} is outside {audio.MIN_INPUT_RATE}..{audio.MAX_INPUT_RATE}"
-            )
+        try:
+            rate = audio.check_rate(start.sample_rate)
+        except audio.AudioError as exc:
+            raise StreamError(str(exc)) from exc
         if start.audio_encoding not in (cpb.PCM_F32LE, cpb.PCM_S16LE):
             raise StreamError(f"unknown audio_encoding {start.audio_encoding}")
         self.start = start

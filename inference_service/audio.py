@@ -62,6 +62,40 @@ class AudioError(ValueError):
     """Bad or unusable audio; the message is meant for the client."""
 
 
+def check_rate(sample_rate: int) -> int:
+    """The input rate in Hz (0 means 16000); AudioError outside 8000..192000."""
+    rate = SAMPLE_RATE if sample_rate == 0 else int(sample_rate)
+    if not MIN_INPUT_RATE <= rate <= MAX_INPUT_RATE:
+        raise AudioError(
+            f"sample_rate {sample_rate} Hz is out of range "
+            f"({MIN_INPUT_RATE}..{MAX_INPUT_RATE} Hz, or 0 for 16000)"
+        )
+    return rate
+
+
+def pcm_samples(data: bytes, encoding: str) -> np.ndarray:
+    """Raw mono little-endian PCM ("f32le" or "s16le", int16 scaled by 1/32768) as float32
+    samples at the input rate. AudioError for an unknown encoding, bytes that are not
+    whole samples, or NaN/inf samples. Used for whole clips and for stream chunks."""
+    dtype = _ENCODINGS.get(encoding)
+    if dtype is None:
+        raise AudioError(f"unknown audio encoding {encoding!r}; expected 'f32le' or 's16le'")
+    if len(data) % dtype.itemsize:
+        raise AudioError(
+            f"audio byte length {len(data)} is not a multiple of the {encoding} sample size "
+            f"({dtype.itemsize} bytes): not whole samples"
+        )
+    raw = np.frombuffer(data, dtype=dtype)
+    if encoding == "s16le":
+        x = raw.astype(np.float32)
+        x *= np.float32(1.0 / 32768.0)  # a power of two: exact, as libsndfile does
+        return x
+    x = raw.astype(np.float32)  # native-order, writable copy
+    if not np.isfinite(x).all():
+        raise AudioError("audio contains NaN or infinite samples")
+    return x
+
+
 def decode_pcm(
     data: bytes, encoding: str, sample_rate: int, max_seconds: float | None = None
 ) -> np.ndarray:
@@ -92,34 +126,15 @@ def decode_pcm(
         outside 8000..192000 Hz, a clip longer than ``max_seconds`` or shorter than
         ``MIN_SAMPLES`` after resampling.
     """
-    dtype = _ENCODINGS.get(encoding)
-    if dtype is None:
-        raise AudioError(f"unknown audio encoding {encoding!r}; expected 'f32le' or 's16le'")
-    rate = SAMPLE_RATE if sample_rate == 0 else int(sample_rate)
-    if not MIN_INPUT_RATE <= rate <= MAX_INPUT_RATE:
-        raise AudioError(
-            f"sample rate {sample_rate} Hz is out of range "
-            f"({MIN_INPUT_RATE}..{MAX_INPUT_RATE} Hz, or 0 for 16000)"
-        )
+    rate = check_rate(sample_rate)
     if not data:
         raise AudioError("audio is empty")
-    if len(data) % dtype.itemsize:
-        raise AudioError(
-            f"audio byte length {len(data)} is not a multiple of the {encoding} sample size "
-            f"({dtype.itemsize} bytes)"
-        )
-    raw = np.frombuffer(data, dtype=dtype)
-    if max_seconds is not None and raw.size > max_seconds * rate:
-        raise AudioError(
-            f"audio is too long: {raw.size / rate:.3f} s (the limit is {max_seconds:g} s)"
-        )
-    if encoding == "s16le":
-        x = raw.astype(np.float32)
-        x *= np.float32(1.0 / 32768.0)  # a power of two: exact, as libsndfile does
-    else:
-        x = raw.astype(np.float32)  # native-order, writable copy
-        if not np.isfinite(x).all():
-            raise AudioError("audio contains NaN or infinite samples")
+    # the length limit is checked before anything is decoded
+    size = _ENCODINGS[encoding].itemsize if encoding in _ENCODINGS else 1
+    if max_seconds is not None and len(data) // size > max_seconds * rate:
+        n = len(data) // size
+        raise AudioError(f"audio is too long: {n / rate:.3f} s (the limit is {max_seconds:g} s)")
+    x = pcm_samples(data, encoding)
     if rate != SAMPLE_RATE:
         x = _resample_to_16k(x, rate)
     if x.size < MIN_SAMPLES:
