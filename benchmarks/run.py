@@ -9,11 +9,13 @@ the machines are shared and noisy.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import os
 import platform
 import statistics
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -47,6 +49,23 @@ def median_time(fn: Callable[[], object], repeat: int, warmup: int = 1) -> float
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def default_unet_batches(gpu: bool) -> str:
+    return "1,8,16,32,64" if gpu else "1,2,4,8,16"
+
+
+def gpu_name() -> str:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return out.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return "unknown"
 
 
 def cpu_name() -> str:
@@ -135,14 +154,15 @@ def bench_unet(
             b.visual: rng.random((batch, 6, 320, 320), dtype=np.float32),
             b.audio: rng.standard_normal((batch, 32, 16, 16)).astype(np.float32),
         }
-        runs = max(2, -(-min_frames // batch))
+        runs = max(3, -(-min_frames // batch))
         t = median_time(lambda f=feeds: sess.run(None, f), runs)
         fps[batch] = batch / t
     return fps
 
 
-def _torch_unet() -> Callable[[np.ndarray, np.ndarray], np.ndarray] | None:
-    """The reference UNet in PyTorch eager (same random weights), if torch is installed."""
+def _torch_unet(gpu: bool) -> Callable[[np.ndarray, np.ndarray], np.ndarray] | None:
+    """The reference UNet in PyTorch eager (same random weights), if torch is installed;
+    on the GPU when `gpu` and torch has CUDA, as the reference script runs it."""
     try:
         import torch
 
@@ -150,20 +170,24 @@ def _torch_unet() -> Callable[[np.ndarray, np.ndarray], np.ndarray] | None:
         from lipsync.nets.torch_nets import ReferenceUNet
     except ImportError:
         return None
+    device = "cuda" if gpu and torch.cuda.is_available() else "cpu"
     net = ReferenceUNet().eval()
     sd = random_reference_state_dict(KIND_UNET, 0)
     net.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, strict=True)
+    net = net.to(device)
     torch.set_num_threads(os.cpu_count() or 1)
 
     def unet(vis: np.ndarray, blk: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return net(torch.from_numpy(vis[None]), torch.from_numpy(blk[None])).numpy()[0]
+            v = torch.from_numpy(vis[None]).to(device)
+            a = torch.from_numpy(blk[None]).to(device)
+            return net(v, a).cpu().numpy()[0]
 
     return unet
 
 
 def bench_reference_loops(
-    folder: Path, opts: SessionOptions, frames: int, quality: int
+    folder: Path, opts: SessionOptions, frames: int, quality: int, gpu: bool
 ) -> dict[str, float]:
     """The reference script's way: per frame crop -> tensor -> UNet (batch 1) -> paste -> JPEG,
     with the clip's audio features computed up front, as the reference does. Frames per
@@ -189,7 +213,7 @@ def bench_reference_loops(
             cv2.imencode(".jpg", img, params)
 
     out = {}
-    for name, unet in (("onnxruntime", ort_unet), ("pytorch", _torch_unet())):
+    for name, unet in (("onnxruntime", ort_unet), ("pytorch", _torch_unet(gpu))):
         if unet is None:
             continue
         loop(unet, 2)  # warm up
@@ -279,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", default="1,2,4,8")
     ap.add_argument("--requests", type=int, default=6, help="requests per client")
     ap.add_argument("--batch-size", type=int, default=8, help="frames per request")
-    ap.add_argument("--unet-batches", default="1,2,4,8,16")
+    ap.add_argument("--unet-batches", help="default: 1,2,4,8,16 on the CPU; 1,8,16,32,64 on a GPU")
     ap.add_argument("--reference-frames", type=int, default=16)
     ap.add_argument("--out", default=str(OUT / "bench.json"))
     args = ap.parse_args(argv)
@@ -290,17 +314,28 @@ def main(argv: list[str] | None = None) -> int:
     print("building the bench avatar (reference-size networks, random weights, 1280x720)...")
     folder = bench_avatar.build(root)
 
+    provider = create_session(folder / "audio_encoder.onnx", opts).get_providers()[0]
+    gpu = provider != "CPUExecutionProvider"
+    print(f"networks run on {provider}")
+
     print("measuring stages...")
     stages = bench_stages(folder, opts, cfg.compositing.jpeg_quality)
     print("measuring the UNet alone...")
-    batches = [int(b) for b in args.unet_batches.split(",")]
-    unet_fps = bench_unet(folder, opts, batches, min_frames=16)
+    batches = [int(b) for b in (args.unet_batches or default_unet_batches(gpu)).split(",")]
+    min_frames = 320 if gpu else 16
+    unet_fps = bench_unet(folder, opts, batches, min_frames)
+    # On a GPU, the same batches in float32 beside the float16 the service runs by default.
+    unet_fps_fp32 = (
+        bench_unet(folder, dataclasses.replace(opts, cuda_fp16=False), batches, min_frames)
+        if gpu and opts.cuda_fp16
+        else None
+    )
     best_batch = max(unet_fps, key=unet_fps.get)
     ceiling = unet_fps[best_batch]
     stages["unet"] = 1e3 / ceiling
     print("measuring the reference loop...")
     ref_loops = bench_reference_loops(
-        folder, opts, args.reference_frames, cfg.compositing.jpeg_quality
+        folder, opts, args.reference_frames, cfg.compositing.jpeg_quality, gpu
     )
     ref_kind = "pytorch" if "pytorch" in ref_loops else "onnxruntime"
     ref_fps = ref_loops[ref_kind]
@@ -317,8 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     first_request_ms = e2e.pop("first_request_ms")
     stages["transfer"] = statistics.median(r["transfer_ms_per_frame"] for r in e2e.values())
 
-    provider = create_session(folder / "audio_encoder.onnx", opts).get_providers()[0]
     machine = f"{cpu_name()}, {os.cpu_count()} cores; onnxruntime {ort.__version__} ({provider})"
+    if gpu:
+        machine += f"; GPU: {gpu_name()}"
     ref_clients = 4 if 4 in e2e else clients[-1]
     report = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -327,6 +363,10 @@ def main(argv: list[str] | None = None) -> int:
         "jpeg_quality": cfg.compositing.jpeg_quality,
         "stages_ms_per_frame": stages,
         "unet_fps_by_batch": {str(k): v for k, v in unet_fps.items()},
+        "unet_precision": "float16" if gpu and opts.cuda_fp16 else "float32",
+        "unet_fps_by_batch_fp32": (
+            {str(k): v for k, v in unet_fps_fp32.items()} if unet_fps_fp32 else None
+        ),
         "unet_best_batch": best_batch,
         "unet_ceiling_fps": ceiling,
         "reference_loop_fps": ref_fps,
@@ -368,9 +408,11 @@ def print_report(r: dict) -> None:
     for k, v in r["stages_ms_per_frame"].items():
         label = f"unet (batch {r['unet_best_batch']})" if k == "unet" else k
         print(f"  {label:<24} {v:8.3f}")
-    print("\nUNet alone (ONNX Runtime)  frames/s")
+    fp32 = r.get("unet_fps_by_batch_fp32")
+    print(f"\nUNet alone (ONNX Runtime, {r['unet_precision']})  frames/s")
     for b, v in r["unet_fps_by_batch"].items():
-        print(f"  batch {b:<18} {v:8.2f}")
+        also = f"   (float32: {fp32[b]:.2f})" if fp32 else ""
+        print(f"  batch {b:<18} {v:8.2f}{also}")
     best = r["unet_best_batch"]
     print(f"\nceiling (UNet alone, best batch {best}): {r['unet_ceiling_fps']:.2f} frames/s")
     for kind, fps in r["reference_loops_fps"].items():

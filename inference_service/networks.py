@@ -33,7 +33,7 @@ class BatchPolicy:
     enabled: bool = True
     max_batch: int = 32  # UNet frames per run on a GPU
     max_wait_s: float = 0.002
-    cpu_max_batch: int = 4  # ... when the UNet runs on the CPU
+    cpu_max_batch: int = 1  # ... when the UNet runs on the CPU
 
     def for_provider(self, provider: str) -> BatchPolicy:
         """The policy for a network running on `provider`."""

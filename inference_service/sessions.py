@@ -59,7 +59,7 @@ class SessionOptions:
     intra_op_threads: int = 0
     inter_op_threads: int = 1
     # Convert to float16 (inputs/outputs stay float32) when running on CUDA.
-    cuda_fp16: bool = False
+    cuda_fp16: bool = True
     allow_spinning: bool = False
 
     @staticmethod
@@ -90,7 +90,8 @@ def create_session(
     """An inference session on the first provider that works, logging what it runs on.
 
     With `fp16_ok` and `opts.cuda_fp16`, a model about to run on CUDA is converted to
-    float16 first; on CPU it stays float32 (float16 convolutions are slow there).
+    float16 first; on the CPU it stays float32 (float16 convolutions are slow there), also
+    when a GPU provider was asked for but could not be initialised.
     """
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -103,21 +104,24 @@ def create_session(
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     providers = resolve_providers(list(opts.providers), opts.device_id)
-    model = str(path) if isinstance(path, Path) else path
-    first = providers[0] if isinstance(providers[0], str) else providers[0][0]
-    if fp16_ok and opts.cuda_fp16 and first != "CPUExecutionProvider" and isinstance(path, Path):
-        log.info("converting %s to float16 for %s", path, first)
-        model = to_float16(path)
-    sess = ort.InferenceSession(model, sess_options=so, providers=providers)
     wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
+    where = path if not isinstance(path, bytes) else "model"
+    model = str(path) if isinstance(path, Path) else path
+    half = (
+        fp16_ok and opts.cuda_fp16 and wanted != "CPUExecutionProvider" and isinstance(path, Path)
+    )
+    if half:
+        log.info("converting %s to float16 for %s", path, wanted)
+        model = to_float16(path)  # type: ignore[arg-type]
+    sess = ort.InferenceSession(model, sess_options=so, providers=providers)
     got = sess.get_providers()
     if wanted not in got:
         log.warning(
-            "%s could not be initialised (no usable GPU?); %s runs on %s",
-            wanted,
-            path if not isinstance(path, bytes) else "model",
-            got[0],
+            "%s could not be initialised (no usable GPU?); %s runs on %s", wanted, where, got[0]
         )
+        if half and got[0] == "CPUExecutionProvider":
+            log.warning("%s: running the float32 model on the CPU instead of float16", where)
+            sess = ort.InferenceSession(str(path), sess_options=so, providers=providers)
     return sess
 
 

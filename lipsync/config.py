@@ -56,8 +56,9 @@ class BatchingConfig:
 
     enabled: bool = True
     max_batch: int = 32  # frames per UNet run on a GPU
-    # ... and on the CPU, where larger batches measured no faster per frame (make bench)
-    cpu_max_batch: int = 4
+    # ... and on the CPU, where batch 1 measured fastest per frame, alone (make bench) and
+    # end to end with 4 clients (1, 2, 4 alternated: 11.8, 11.6, 11.2 frames/s)
+    cpu_max_batch: int = 1
     max_wait_ms: float = 2.0  # how long a run waits for more work to join
 
 
@@ -70,7 +71,7 @@ class InferenceConfig:
     execution_providers: list[str] = field(default_factory=lambda: ["cuda", "cpu"])
     device_id: int = 0
     # Run the UNet in float16 on CUDA (the model is converted at load).
-    cuda_fp16: bool = False
+    cuda_fp16: bool = True
     # Audio encoder used by avatars that ship none (avatars' own take precedence).
     shared_audio_encoder: str | None = None
     intra_op_threads: int = 0  # 0: onnxruntime's default (all cores)

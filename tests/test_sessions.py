@@ -6,6 +6,7 @@ import logging
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 
 from inference_service.sessions import (
     SessionOptions,
@@ -63,3 +64,33 @@ def test_float16_conversion_keeps_float32_io_and_close_outputs(tmp_path):
     out = half.run(None, feeds)[0]
     assert out.dtype == np.float32
     assert np.abs(out - ref).max() < 5e-3
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider'")
+def test_float16_is_undone_when_the_gpu_provider_cannot_start(tmp_path, monkeypatch, caplog):
+    """onnxruntime-gpu installed but no usable GPU: CUDA is listed yet the session lands on
+    the CPU, which then runs the float32 model (same outputs), not the float16 conversion."""
+    import inference_service.sessions as sessions
+
+    path = build_test_unet(tmp_path / "u.onnx")
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" in available:
+        pytest.skip("a real CUDA provider is present")
+    monkeypatch.setattr(
+        sessions.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", *available]
+    )
+    converted = []
+    real = sessions.to_float16
+    monkeypatch.setattr(sessions, "to_float16", lambda p: converted.append(p) or real(p))
+    caplog.set_level(logging.WARNING)
+    sess = create_session(path, SessionOptions(providers=("cuda", "cpu"), cuda_fp16=True), True)
+    assert converted == [path]  # it was converted for CUDA...
+    assert sess.get_providers()[0] == "CPUExecutionProvider"
+    assert "float32 model on the CPU" in caplog.text  # ... and undone, with a log line
+    rng = np.random.default_rng(0)
+    feeds = {
+        "input": rng.random((1, 6, 320, 320), dtype=np.float32),
+        "audio": rng.standard_normal((1, 32, 16, 16)).astype(np.float32),
+    }
+    ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    np.testing.assert_array_equal(sess.run(None, feeds)[0], ref)

@@ -1,0 +1,37 @@
+"""`make bench` end to end on a tiny run: the real bench avatar (reference-size networks),
+both services as processes, and the figures the issue asks of out/bench.json."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from benchmarks import run
+
+
+def test_bench_writes_every_figure(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the bench avatar and out/ go under tmp_path
+    out = tmp_path / "bench.json"
+    argv = ["--clients", "1,2", "--requests", "1", "--batch-size", "2"]
+    argv += ["--unet-batches", "1,2", "--reference-frames", "2", "--out", str(out)]
+    assert run.main(argv) == 0
+    r = json.loads(out.read_text())
+    printed = capsys.readouterr().out
+
+    def positive(x: float) -> bool:
+        return isinstance(x, float) and math.isfinite(x) and x > 0
+
+    assert positive(r["unet_ceiling_fps"]) and positive(r["reference_loop_fps"])
+    assert set(r["e2e_fps"]) == {"1", "2"} and all(map(positive, r["e2e_fps"].values()))
+    assert r["unet_ceiling_fps"] == max(r["unet_fps_by_batch"].values())
+    assert r["ratio_e2e_to_ceiling"] == r["e2e_fps"]["2"] / r["unet_ceiling_fps"]
+    stages = r["stages_ms_per_frame"]
+    for stage in ("mel", "audio_encoder", "unet", "crop", "paste_720p", "paste_1080p"):
+        assert positive(stages[stage]), stage
+    for stage in ("jpeg_720p", "jpeg_1080p", "transfer"):
+        assert positive(stages[stage]), stage
+    for e in r["e2e"].values():
+        assert e["p50_ms"] <= e["p95_ms"] and e["frames"] > 0
+    assert r["reference_loop_kind"] in r["reference_loops_fps"]
+    assert "ceiling (UNet alone, best batch" in printed
+    assert f"{r['unet_ceiling_fps']:.2f} frames/s" in printed
