@@ -51,13 +51,13 @@ class InferenceClient:
     def infer(self, request: ipb.InferRequest) -> Mouths:
         request.output_type = self.output_type
         resp = self.stub.Infer(request, timeout=self.timeout_s)
-        pixels = to_paste_pixels(resp.mouths, resp.output_type, resp.batch_size)
+        payload = resp.mouths  # each read of a bytes field copies it: read it once
         return Mouths(
-            pixels=pixels,
+            pixels=to_paste_pixels(payload, resp.output_type, resp.batch_size),
             stage_times_ms=dict(resp.stage_times_ms),
             gpu_id=resp.gpu_id,
             provider=resp.execution_provider,
-            wire_bytes=len(resp.mouths),
+            wire_bytes=len(payload),
         )
 
     def healthy(self, timeout_s: float = 1.0) -> bool:

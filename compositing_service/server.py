@@ -39,6 +39,17 @@ class BadRequest(ValueError):
     pass
 
 
+@dataclass(frozen=True)
+class _BatchInput:
+    """A validated InferBatchComposite request's inputs, each field read once."""
+
+    model_id: str
+    clip_frame_offset: int
+    visual: bytes | None  # float32 [B,6,320,320] from the client; None: the avatar's crops
+    clip: ipb.AudioClip | None
+    features: bytes  # float32 audio blocks when there is no clip
+
+
 def _rpc_message(exc: grpc.RpcError, address: str) -> str:
     code = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else str(exc)
@@ -71,10 +82,10 @@ class CompositingServicer(cpb_grpc.CompositingServiceServicer):
         )
 
     # -- InferBatchComposite ------------------------------------------------------------
-    def _request_to_infer(self, req: cpb.CompositeBatchRequest) -> tuple[ipb.InferRequest, bool]:
-        """Validate what can be checked here and build the inference request.
+    def _request_to_infer(self, req: cpb.CompositeBatchRequest) -> _BatchInput:
+        """Validate what can be checked here and hold the request's inputs for the chunks.
 
-        Returns the request and whether the avatar's own face crops are needed.
+        Each bytes field is read once (every read of a protobuf bytes field copies it).
         """
         b = req.batch_size
         limit = self.cfg.limits.max_batch_size
@@ -82,40 +93,33 @@ class CompositingServicer(cpb_grpc.CompositingServiceServicer):
             raise BadRequest(f"batch_size must be between 1 and {limit}, got {b}")
         if req.clip_frame_offset < 0:
             raise BadRequest("clip_frame_offset must be >= 0")
-        out = ipb.InferRequest(
-            model_id=req.model_id, batch_size=b, clip_frame_offset=req.clip_frame_offset
-        )
-        if req.visual_frames:
-            if len(req.visual_frames) != b * VISUAL_BYTES:
-                raise BadRequest(
-                    f"visual_frames has {len(req.visual_frames)} bytes; batch_size {b} needs "
-                    f"{b * VISUAL_BYTES} (float32 [{b},6,320,320])"
-                )
-            out.visual_input = req.visual_frames
-        if req.raw_audio and req.audio_features:
+        visual = req.visual_frames or None
+        if visual is not None and len(visual) != b * VISUAL_BYTES:
+            raise BadRequest(
+                f"visual_frames has {len(visual)} bytes; batch_size {b} needs "
+                f"{b * VISUAL_BYTES} (float32 [{b},6,320,320])"
+            )
+        pcm, features = req.raw_audio, req.audio_features
+        clip = None
+        if pcm and features:
             raise BadRequest("send either raw_audio or audio_features, not both")
-        if req.raw_audio:
+        if pcm:
             size = SAMPLE_BYTES.get(req.audio_encoding)
             if size is None:
                 raise BadRequest(f"unknown audio_encoding {req.audio_encoding}")
-            if len(req.raw_audio) % size:
-                raise BadRequest(
-                    f"raw_audio has {len(req.raw_audio)} bytes, not a multiple of {size}"
-                )
-            out.clip.pcm = req.raw_audio
-            out.clip.sample_rate = req.sample_rate
-            out.clip.encoding = req.audio_encoding
-        elif req.audio_features:
-            n = len(req.audio_features)
+            if len(pcm) % size:
+                raise BadRequest(f"raw_audio has {len(pcm)} bytes, not a multiple of {size}")
+            clip = ipb.AudioClip(pcm=pcm, sample_rate=req.sample_rate, encoding=req.audio_encoding)
+        elif features:
+            n = len(features)
             if n not in (BLOCK_BYTES, b * BLOCK_BYTES):
                 raise BadRequest(
                     f"audio_features has {n} bytes; expected {b * BLOCK_BYTES} (float32 "
                     f"[{b},32,16,16]) or {BLOCK_BYTES} (one [32,16,16] block for every frame)"
                 )
-            out.audio_features = req.audio_features
         else:
             raise BadRequest("no audio: set raw_audio (PCM) or audio_features")
-        return out, not req.visual_frames
+        return _BatchInput(req.model_id, req.clip_frame_offset, visual, clip, features)
 
     def InferBatchComposite(self, request, context):
         t_start = time.perf_counter()
@@ -135,23 +139,20 @@ class CompositingServicer(cpb_grpc.CompositingServiceServicer):
                 success=False, error=f"internal error: {type(exc).__name__}: {exc}"
             )
 
-    def _chunk_request(
-        self, base: ipb.InferRequest, own_crops: bool, k0: int, k1: int
-    ) -> ipb.InferRequest:
+    @staticmethod
+    def _chunk_request(inp: _BatchInput, k0: int, k1: int) -> ipb.InferRequest:
         """The inference request for frames k0..k1-1 of a validated batch request."""
         req = ipb.InferRequest(
-            model_id=base.model_id,
-            batch_size=k1 - k0,
-            clip_frame_offset=base.clip_frame_offset + k0,
+            model_id=inp.model_id, batch_size=k1 - k0, clip_frame_offset=inp.clip_frame_offset + k0
         )
-        if not own_crops:
-            req.visual_input = base.visual_input[k0 * VISUAL_BYTES : k1 * VISUAL_BYTES]
-        if base.HasField("clip"):
-            req.clip.CopyFrom(base.clip)
-        elif len(base.audio_features) == BLOCK_BYTES:
-            req.audio_features = base.audio_features
+        if inp.visual is not None:
+            req.visual_input = inp.visual[k0 * VISUAL_BYTES : k1 * VISUAL_BYTES]
+        if inp.clip is not None:
+            req.clip.CopyFrom(inp.clip)
+        elif len(inp.features) == BLOCK_BYTES:
+            req.audio_features = inp.features
         else:
-            req.audio_features = base.audio_features[k0 * BLOCK_BYTES : k1 * BLOCK_BYTES]
+            req.audio_features = inp.features[k0 * BLOCK_BYTES : k1 * BLOCK_BYTES]
         return req
 
     def _composite(
@@ -160,7 +161,8 @@ class CompositingServicer(cpb_grpc.CompositingServiceServicer):
         """Crop, infer and paste in chunks of `compositing.inference_chunk` frames, with
         the next chunk's inference running while this one is pasted and encoded."""
         model_id = check_model_id(request.model_id)
-        base, own_crops = self._request_to_infer(request)
+        inp = self._request_to_infer(request)
+        own_crops = inp.visual is None
         stages: dict[str, float] = defaultdict(float)
         t0 = time.perf_counter()
         avatar = self.cache.get(model_id)
@@ -173,7 +175,7 @@ class CompositingServicer(cpb_grpc.CompositingServiceServicer):
 
         def infer(k0: int, k1: int) -> tuple[list | None, Mouths, float, float]:
             t = time.perf_counter()
-            req = self._chunk_request(base, own_crops, k0, k1)
+            req = self._chunk_request(inp, k0, k1)
             crops = None
             if own_crops:
                 batch = self.compositor.crops(avatar, indices[k0:k1])

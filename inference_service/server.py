@@ -96,33 +96,36 @@ class InferenceServicer(ipb_grpc.InferenceServiceServicer):
             raise _bad("clip_frame_offset must be >= 0")
         face_crops = visual = clip = features = None
         which = req.WhichOneof("visual")
+        # each read of a protobuf bytes field copies it: read each once
         if which == "face_crops":
-            if len(req.face_crops) != b * CROP_BYTES:
+            data = req.face_crops
+            if len(data) != b * CROP_BYTES:
                 raise _bad(
-                    f"face_crops has {len(req.face_crops)} bytes, expected {b * CROP_BYTES} "
+                    f"face_crops has {len(data)} bytes, expected {b * CROP_BYTES} "
                     f"(uint8 [{b},320,320,3])"
                 )
-            face_crops = np.frombuffer(req.face_crops, np.uint8).reshape(b, 320, 320, 3)
+            face_crops = np.frombuffer(data, np.uint8).reshape(b, 320, 320, 3)
         elif which == "visual_input":
-            if len(req.visual_input) != b * VISUAL_BYTES:
+            data = req.visual_input
+            if len(data) != b * VISUAL_BYTES:
                 raise _bad(
-                    f"visual_input has {len(req.visual_input)} bytes, expected "
+                    f"visual_input has {len(data)} bytes, expected "
                     f"{b * VISUAL_BYTES} (float32 [{b},6,320,320])"
                 )
-            visual = np.frombuffer(req.visual_input, np.float32).reshape(b, 6, 320, 320)
+            visual = np.frombuffer(data, np.float32).reshape(b, 6, 320, 320)
         else:
             raise _bad("a visual input is required (face_crops or visual_input)")
         which = req.WhichOneof("audio")
         if which == "clip":
             clip = self._clip(req.clip)
         elif which == "audio_features":
-            n = len(req.audio_features)
-            if n not in (BLOCK_BYTES, b * BLOCK_BYTES):
+            data = req.audio_features
+            if len(data) not in (BLOCK_BYTES, b * BLOCK_BYTES):
                 raise _bad(
-                    f"audio_features has {n} bytes, expected {b * BLOCK_BYTES} (float32 "
+                    f"audio_features has {len(data)} bytes, expected {b * BLOCK_BYTES} (float32 "
                     f"[{b},32,16,16]) or {BLOCK_BYTES} (one [32,16,16] block)"
                 )
-            features = np.frombuffer(req.audio_features, np.float32).reshape(-1, 32, 16, 16)
+            features = np.frombuffer(data, np.float32).reshape(-1, 32, 16, 16)
             if not np.all(np.isfinite(features)):
                 raise _bad("audio_features contains NaN or infinite values")
         else:

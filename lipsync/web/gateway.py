@@ -106,6 +106,7 @@ def wall_ms() -> float:
 
 def pack_frame(frame: cpb.StreamFrame, recv_ms: float) -> bytes:
     """One StreamFrame as the binary WebSocket message described in the module docstring."""
+    pcm, jpeg = frame.audio, frame.jpeg  # each read of a bytes field copies it
     header = {
         "index": frame.index,
         "pts_ms": frame.pts_ms,
@@ -117,12 +118,12 @@ def pack_frame(frame: cpb.StreamFrame, recv_ms: float) -> bytes:
         "latency_ms": round(float(frame.latency_ms), 3),
         "recv_ms": round(recv_ms, 3),
         "sent_ms": round(wall_ms(), 3),
-        "audio_len": len(frame.audio),
-        "jpeg_len": len(frame.jpeg),
+        "audio_len": len(pcm),
+        "jpeg_len": len(jpeg),
         "audio_rate": AUDIO_RATE,
     }
     head = json.dumps(header, separators=(",", ":")).encode()
-    return b"".join((HEADER_LEN.pack(len(head)), head, frame.audio, frame.jpeg))
+    return b"".join((HEADER_LEN.pack(len(head)), head, pcm, jpeg))
 
 
 def unpack_frame(data: bytes) -> tuple[dict[str, Any], bytes, bytes]:
