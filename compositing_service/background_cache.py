@@ -17,7 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from compositing_service.jpeg import EncodedRows, JpegEncoder
+from compositing_service.jpeg import EncodedFrame, JpegEncoder
 from lipsync.avatar_package import AvatarCatalog, AvatarError, check_rects_fit
 
 log = logging.getLogger(__name__)
@@ -42,17 +42,17 @@ class AvatarFrames:
     rects: np.ndarray  # [N, 4] int64 x1, y1, x2, y2
     nbytes: int
     load_ms: float
-    _encoded: dict[tuple[int, int], EncodedRows] = field(default_factory=dict)
+    _encoded: dict[tuple[int, int], EncodedFrame] = field(default_factory=dict)
     _encoded_lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def encoded(self, index: int, encoder: JpegEncoder) -> EncodedRows:
-        """Background frame `index` JPEG-encoded by rows (once per quality): the idle frame
-        as it is, and the rows composited frames splice their changed band into."""
+    def encoded(self, index: int, encoder: JpegEncoder) -> EncodedFrame:
+        """Background frame `index` JPEG-encoded (once per quality) and cut into restart
+        intervals: the idle frame as it is, and what composited frames splice into."""
         key = (index, encoder.quality)
         with self._encoded_lock:
             rows = self._encoded.get(key)
         if rows is None:
-            rows = encoder.encode_rows(self.frames[index])
+            rows = encoder.encode_frame(self.frames[index])
             with self._encoded_lock:
                 self._encoded[key] = rows
         return rows

@@ -59,12 +59,13 @@ class Compositor:
             frame = avatar.frames[i]
             x1, y1, x2, y2 = (int(v) for v in avatar.rects[i])
             crop = crops[k] if crops is not None else face_crop(frame, avatar.rects[i])
-            # Only the MCU rows the rect touches change: paste into a copy of that band and
-            # encode just the band (compositing_service/jpeg.py).
-            top, bottom = JpegEncoder.band(y1, y2, frame.shape[0])
-            band = frame[top:bottom].copy()
-            paste_back(band, (x1, y1 - top, x2, y2 - top), crop, mouths[k])
-            return self.jpeg.encode_band(avatar.encoded(i, self.jpeg), band, top)
+            # Only the restart intervals the rect touches change: paste into a copy of that
+            # region and encode just the region (compositing_service/jpeg.py).
+            h, w = frame.shape[:2]
+            left, top, right, bottom = JpegEncoder.region((x1, y1, x2, y2), w, h)
+            patch = frame[top:bottom, left:right].copy()
+            paste_back(patch, (x1 - left, y1 - top, x2 - left, y2 - top), crop, mouths[k])
+            return self.jpeg.encode_region(avatar.encoded(i, self.jpeg), patch, left, top)
 
         return list(self.pool.map(one, range(len(indices))))
 

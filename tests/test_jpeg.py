@@ -1,5 +1,5 @@
-"""Band re-encoding: splicing a re-encoded band of MCU rows into a background frame's
-cached JPEG rows gives exactly the JPEG of the whole composited frame."""
+"""Region re-encoding: splicing a re-encoded rectangle of restart intervals into a
+background frame's cached JPEG gives exactly the JPEG of the whole composited frame."""
 
 from __future__ import annotations
 
@@ -9,29 +9,43 @@ import pytest
 
 from compositing_service.background_cache import AvatarFrames
 from compositing_service.compositor import Compositor
-from compositing_service.jpeg import JpegEncoder, split_rows
+from compositing_service.jpeg import EncodedFrame, JpegEncoder, interval_mcus
 from lipsync.visual import face_crop, paste_back
 from tests.avatar_factory import make_frames
 
 
-@pytest.mark.parametrize("size", [(1280, 720), (1920, 1080), (200, 240), (333, 97)])
+@pytest.mark.parametrize(
+    # 80, 120 and 21 MCUs per row (intervals of 4, 4 and 3 MCUs); 13 and 7 (prime: 1 MCU)
+    "size",
+    [(1280, 720), (1920, 1080), (333, 97), (200, 240), (100, 100)],
+)
 @pytest.mark.parametrize("quality", [75, 95])
-def test_band_splice_is_byte_identical_to_the_whole_frame(size, quality):
+def test_region_splice_is_byte_identical_to_the_whole_frame(size, quality):
     w, h = size
     base_img = make_frames(1, w, h, seed=w)[0]
     enc = JpegEncoder(quality)
-    base = enc.encode_rows(base_img)
-    assert len(base.rows) == -(-h // 16)
+    base = enc.encode_frame(base_img)
+    assert len(base.rows) == -(-h // 16) and base.per_row * base.interval == -(-w // 16)
     rng = np.random.default_rng(h)
-    for y1, y2 in [(0, 5), (h // 3, h // 3 + h // 4), (h - 7, h), (0, h), (17, 18)]:
+    rects = [(0, 0, 5, 5), (w // 3, h // 3, w // 3 + w // 4, h // 3 + h // 4)]
+    rects += [(w - 7, h - 7, w, h), (0, 0, w, h), (17, 17, 18, 18), (w // 2, 0, w, h // 2)]
+    for x1, y1, x2, y2 in rects:
         img = base_img.copy()
-        img[y1:y2] = rng.integers(0, 256, img[y1:y2].shape, dtype=np.uint8)
-        top, bottom = enc.band(y1, y2, h)
-        assert top % 16 == 0 and top <= y1 and bottom >= y2
-        spliced = enc.encode_band(base, img[top:bottom], top)
+        img[y1:y2, x1:x2] = rng.integers(0, 256, img[y1:y2, x1:x2].shape, dtype=np.uint8)
+        left, top, right, bottom = enc.region((x1, y1, x2, y2), w, h)
+        assert top % 16 == 0 and left % (16 * base.interval) == 0
+        assert left <= x1 and top <= y1 and right >= x2 and bottom >= y2
+        spliced = enc.encode_region(base, img[top:bottom, left:right], left, top)
         assert spliced == enc.encode(img)
         decoded = cv2.imdecode(np.frombuffer(spliced, np.uint8), cv2.IMREAD_COLOR)
         assert decoded.shape == img.shape
+
+
+def test_restart_intervals_never_straddle_mcu_rows():
+    for width in range(1, 2000, 7):
+        per_row = -(-width // 16)
+        k = interval_mcus(width)
+        assert 1 <= k <= 4 and per_row % k == 0
 
 
 def test_restart_markers_do_not_change_the_pixels():
@@ -42,9 +56,14 @@ def test_restart_markers_do_not_change_the_pixels():
     assert np.array_equal(ours, cv2.imdecode(plain, cv2.IMREAD_COLOR))
 
 
-def test_split_rows_round_trips():
-    data = JpegEncoder(80).encode(make_frames(1, 300, 200, seed=2)[0])
-    assert split_rows(data).join() == data
+def test_an_unchanged_frame_splices_back_to_itself():
+    img = make_frames(1, 300, 200, seed=2)[0]
+    enc = JpegEncoder(80)
+    frame = enc.encode_frame(img)
+    assert EncodedFrame.of(frame.data, 300).rows == frame.rows
+    assert b"".join([frame.header, *frame.rows]) == frame.data
+    left, top, right, bottom = enc.region((64, 32, 130, 90), 300, 200)
+    assert enc.encode_region(frame, img[top:bottom, left:right], left, top) == frame.data
 
 
 def test_compositor_output_is_the_jpeg_of_the_composited_frame():
