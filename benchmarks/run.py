@@ -27,6 +27,7 @@ import numpy as np
 import onnxruntime as ort
 
 from benchmarks import bench_avatar
+from benchmarks.transfer import bench_transfer
 from compositing_service.jpeg import EncodedFrame, JpegEncoder
 from inference_service import audio
 from inference_service.sessions import SessionOptions, UNetBinding, create_session
@@ -345,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print("measuring stages...")
     stages = bench_stages(folder, opts, cfg.compositing.jpeg_quality)
+    for name, ms in bench_transfer(args.batch_size).items():
+        stages[f"transfer_{name}"] = ms
     print("measuring the UNet alone...")
     batches = [int(b) for b in (args.unet_batches or default_unet_batches(gpu)).split(",")]
     min_frames = 320 if gpu else 24
@@ -384,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     probes += [e2e[c]["ceiling_around_fps"][1] for c in clients]
     ceiling = statistics.median([unet_fps[best_batch], *probes])
     stages["unet"] = 1e3 / ceiling
-    stages["transfer"] = statistics.median(r["transfer_ms_per_frame"] for r in e2e.values())
+    # between the services inside the end-to-end runs (queueing included), default wire type
+    stages["transfer_e2e"] = statistics.median(r["transfer_ms_per_frame"] for r in e2e.values())
 
     machine = f"{cpu_name()}, {os.cpu_count()} cores; onnxruntime {ort.__version__} ({provider})"
     if gpu:

@@ -36,7 +36,7 @@ def test_bench_writes_every_figure(tmp_path, monkeypatch, capsys):
     stages = r["stages_ms_per_frame"]
     for stage in ("mel", "audio_encoder", "unet", "crop", "paste_720p", "paste_1080p"):
         assert positive(stages[stage]), stage
-    for stage in ("jpeg_720p", "jpeg_1080p", "transfer"):
+    for stage in ("jpeg_720p", "jpeg_1080p", "transfer_float32", "transfer_uint8", "transfer_e2e"):
         assert positive(stages[stage]), stage
     for e in r["e2e"].values():
         assert e["p50_ms"] <= e["p95_ms"] and e["frames"] > 0
