@@ -24,9 +24,10 @@ import cv2
 import numpy as np
 
 MCU = 16  # pixels per MCU side with 4:2:0 chroma subsampling
-# Restart interval: at most this many MCUs (64 pixels). Measured at 720p (a 270-pixel face
-# rect): a whole MCU row per interval 1.66 ms per frame, 8 MCUs 0.99, 4 MCUs 1.02, 2 MCUs
-# 1.21; each restart marker adds about 2.5 bytes (+0.8% at 4 MCUs).
+# Restart interval: at most this many MCUs (64 pixels). A one-off comparison (2026-11-22,
+# the bench's 720p frame and 270-pixel face rect, paste + region encode + splice): a
+# whole MCU row per interval 1.66 ms a frame, 8 MCUs 0.99, 4 MCUs 1.02, 2 MCUs 1.21; the
+# JPEG grows by 0.8% at 4 MCUs (a restart marker and byte alignment per interval).
 MAX_INTERVAL_MCUS = 4
 _SOS = 0xDA
 _EOI = b"\xff\xd9"
