@@ -43,8 +43,9 @@ def interval_mcus(width: int) -> int:
     return max(d for d in range(1, MAX_INTERVAL_MCUS + 1) if per_row % d == 0)
 
 
-def split_segments(data: bytes) -> tuple[bytes, list[bytes]]:
-    """A JPEG's headers (SOI .. SOS) and its entropy-coded segments, markers removed."""
+def _segment_spans(data: bytes) -> tuple[int, list[tuple[int, int]]]:
+    """Where a JPEG's headers (SOI .. SOS) end, and each entropy-coded segment's
+    [start, end) (its marker, RSTn or EOI, follows at `end`)."""
     i = 2  # after SOI
     while True:
         if data[i] != 0xFF:
@@ -54,58 +55,61 @@ def split_segments(data: bytes) -> tuple[bytes, list[bytes]]:
         i += 2 + length
         if marker == _SOS:
             break
-    segments, start = [], i
+    spans, start = [], i
     for m in _SEGMENT_END.finditer(data, i):
-        segments.append(data[start : m.start()])
+        spans.append((start, m.start()))
         start = m.end()
         if m.group() == _EOI:
             break
-    return data[:i], segments
+    return i, spans
 
 
-def _markers(n: int) -> list[bytes]:
-    """The marker after each of n segments: RST0..RST7 in turn, EOI after the last."""
-    return [_RST[k % 8] for k in range(n - 1)] + [_EOI]
+def split_segments(data: bytes) -> tuple[bytes, list[memoryview]]:
+    """A JPEG's headers and its entropy-coded segments (views of `data`), markers removed."""
+    header_end, spans = _segment_spans(data)
+    view = memoryview(data)
+    return data[:header_end], [view[a:b] for a, b in spans]
 
 
 @dataclass(frozen=True)
 class EncodedFrame:
-    """A frame's JPEG, cut into restart intervals to splice re-encoded regions into."""
+    """A frame's JPEG and where each restart interval starts in it, to splice re-encoded
+    regions into (no copy of the JPEG is kept besides `data`)."""
 
     data: bytes  # the whole JPEG
-    header: bytes  # SOI .. SOS, for the full frame
     interval: int  # MCUs per restart interval
     per_row: int  # restart intervals per MCU row
-    pieces: list[bytes]  # each interval's segment followed by its marker
-    rows: list[bytes]  # each MCU row's pieces joined
+    starts: list[int]  # offset of each interval's segment in `data`; then len(data)
 
     @staticmethod
     def of(data: bytes, width: int) -> EncodedFrame:
-        """Cut `data`, a JPEG `width` pixels wide from JpegEncoder.encode."""
+        """Index `data`, a JPEG `width` pixels wide from JpegEncoder.encode."""
         interval = interval_mcus(width)
         per_row = -(-width // MCU) // interval
-        header, segments = split_segments(data)
-        if len(segments) % per_row:
-            raise ValueError(f"{len(segments)} restart intervals, not rows of {per_row}")
-        pieces = [s + m for s, m in zip(segments, _markers(len(segments)), strict=True)]
-        rows = [b"".join(pieces[i : i + per_row]) for i in range(0, len(pieces), per_row)]
-        return EncodedFrame(data, header, interval, per_row, pieces, rows)
+        _, spans = _segment_spans(data)
+        if len(spans) % per_row:
+            raise ValueError(f"{len(spans)} restart intervals, not rows of {per_row}")
+        return EncodedFrame(data, interval, per_row, [a for a, _ in spans] + [len(data)])
 
-    def splice(self, row: int, col: int, segments: list[bytes], cols: int) -> bytes:
+    @property
+    def rows(self) -> int:
+        return (len(self.starts) - 1) // self.per_row
+
+    def splice(self, row: int, col: int, segments: list[memoryview], cols: int) -> bytes:
         """The JPEG with the intervals of MCU rows row.. and interval columns col..col+cols-1
-        replaced by `segments` (row-major, `cols` per row)."""
-        n_rows = len(segments) // cols
-        out = [self.header, *self.rows[:row]]
-        n = len(self.pieces)
-        for r in range(n_rows):
-            first = (row + r) * self.per_row
-            at = first + col
-            out += self.pieces[first:at]
+        replaced by `segments` (row-major, `cols` per row). What lies between the replaced
+        intervals (the other intervals with their markers) is copied from `data` in runs."""
+        view, starts, per_row = memoryview(self.data), self.starts, self.per_row
+        last = len(starts) - 2  # the interval followed by EOI
+        g = row * per_row + col
+        out: list[bytes | memoryview] = [view[: starts[g]]]
+        for r in range(len(segments) // cols):
+            g = (row + r) * per_row + col
             for c in range(cols):
-                g = at + c
-                out += (segments[r * cols + c], _RST[g % 8] if g < n - 1 else _EOI)
-            out += self.pieces[at + cols : first + self.per_row]
-        out += self.rows[row + n_rows :]
+                out += (segments[r * cols + c], _RST[(g + c) % 8] if g + c < last else _EOI)
+            # to the next replaced row's first interval, or to the end
+            nxt = g + per_row if r + 1 < len(segments) // cols else len(starts) - 1
+            out.append(view[starts[g + cols] : starts[nxt]])
         return b"".join(out)
 
 
