@@ -132,16 +132,21 @@ def mouth_to_uint8(pred: np.ndarray) -> np.ndarray:
     if p.ndim not in (3, 4) or p.shape[-3] != 3:
         raise ValueError(f"pred must be [B, 3, H, W] or [3, H, W], got {p.shape}")
     dtype = np.float64 if p.dtype == np.float64 else np.float32
-    # Scale, clip and truncate the contiguous CHW planes, then interleave them into HWC
-    # with cv2.merge: 2.8x faster than converting while transposing (same bytes).
-    y = np.multiply(p, dtype(255.0), dtype=dtype)
-    np.clip(y, 0.0, 255.0, out=y)
-    planes = y.astype(np.uint8)  # truncation toward zero
+    # Per frame: scale, clip and truncate the contiguous CHW planes in one reused buffer
+    # (it stays in cache), then interleave them into HWC with cv2.merge. Same bytes as
+    # converting while transposing, 2.8x faster.
+    y = np.empty(p.shape[-3:], dtype)
+
+    def one(chw: np.ndarray) -> np.ndarray:
+        np.multiply(chw, dtype(255.0), out=y, dtype=dtype)
+        np.clip(y, 0.0, 255.0, out=y)
+        return cv2.merge(list(y.astype(np.uint8)))  # astype: truncation toward zero
+
     if p.ndim == 3:
-        return cv2.merge(list(planes))
+        return one(p)
     out = np.empty((p.shape[0], *p.shape[2:], 3), np.uint8)
-    for i, chw in enumerate(planes):
-        out[i] = cv2.merge(list(chw))
+    for i, chw in enumerate(p):
+        out[i] = one(chw)
     return out
 
 
