@@ -21,6 +21,7 @@ import numpy as np
 from compositing_service.inference_client import TRANSFER_TYPES, InferenceClient
 from inference_service.server import CROP_BYTES, encode_mouths
 from lipsync.grpc_util import add_health, bind, create_server
+from lipsync.infer_wire import InferReply, add_inference_servicer
 from lipsync.launch import free_port, wait_healthy
 from lipsync.proto import inference_pb2 as ipb
 from lipsync.proto import inference_pb2_grpc as ipb_grpc
@@ -29,7 +30,8 @@ MAX_BYTES = 1 << 28
 
 
 class _StandIn(ipb_grpc.InferenceServiceServicer):
-    """Answers Infer with mouths encoded in advance (the wire format only)."""
+    """Answers Infer with mouths encoded in advance, sent as the inference service sends
+    them (the wire format only)."""
 
     def __init__(self, batch: int):
         mouths = np.random.default_rng(0).random((batch, 3, 320, 320), dtype=np.float32)
@@ -40,16 +42,13 @@ class _StandIn(ipb_grpc.InferenceServiceServicer):
         crops = request.face_crops  # read, as the real service does
         if len(crops) != self.batch * CROP_BYTES:
             raise ValueError("unexpected batch")
-        return ipb.InferResponse(
-            mouths=self.payloads[request.output_type],
-            output_type=request.output_type,
-            batch_size=self.batch,
-        )
+        fields = ipb.InferResponse(output_type=request.output_type, batch_size=self.batch)
+        return InferReply(fields, self.payloads[request.output_type])
 
 
 def serve(port: int, batch: int) -> None:
     server = create_server(4, MAX_BYTES)
-    ipb_grpc.add_InferenceServiceServicer_to_server(_StandIn(batch), server)
+    add_inference_servicer(_StandIn(batch), server)
     add_health(server, ["lipsync.inference.InferenceService"])
     bind(server, "localhost", port)
     server.start()

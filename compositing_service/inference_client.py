@@ -10,6 +10,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lipsync.grpc_util import create_channel
+from lipsync.infer_wire import infer_callable
 from lipsync.proto import compositing_pb2 as cpb
 from lipsync.proto import inference_pb2 as ipb
 from lipsync.proto import inference_pb2_grpc as ipb_grpc
@@ -31,7 +32,7 @@ class Mouths:
     wire_bytes: int
 
 
-def to_paste_pixels(payload: bytes, output_type: int, batch: int) -> np.ndarray:
+def to_paste_pixels(payload: bytes | memoryview, output_type: int, batch: int) -> np.ndarray:
     """Decode an InferResponse payload into uint8 [B,320,320,3] paste pixels."""
     if output_type == ipb.UINT8:
         return np.frombuffer(payload, np.uint8).reshape(batch, 320, 320, 3)
@@ -46,12 +47,12 @@ class InferenceClient:
         self.output_type = TRANSFER_TYPES[transfer]
         self.channel = create_channel(address, max_message_bytes)
         self.stub = ipb_grpc.InferenceServiceStub(self.channel)
+        self._infer = infer_callable(self.channel)  # the mouths without protobuf's copies
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
 
     def infer(self, request: ipb.InferRequest) -> Mouths:
         request.output_type = self.output_type
-        resp = self.stub.Infer(request, timeout=self.timeout_s)
-        payload = resp.mouths  # each read of a bytes field copies it: read it once
+        resp, payload = self._infer(request, timeout=self.timeout_s)  # payload: a view
         return Mouths(
             pixels=to_paste_pixels(payload, resp.output_type, resp.batch_size),
             stage_times_ms=dict(resp.stage_times_ms),

@@ -18,6 +18,7 @@ from lipsync import __version__
 from lipsync.avatar_package import AvatarError, UnknownModelError, check_model_id
 from lipsync.config import Config
 from lipsync.grpc_util import add_health, bind, create_server
+from lipsync.infer_wire import InferReply, add_inference_servicer
 from lipsync.proto import compositing_pb2 as cpb
 from lipsync.proto import inference_pb2 as ipb
 from lipsync.proto import inference_pb2_grpc as ipb_grpc
@@ -32,17 +33,18 @@ VISUAL_BYTES = 6 * 320 * 320 * 4
 BLOCK_BYTES = 32 * 16 * 16 * 4
 
 
-def encode_mouths(mouths: np.ndarray, output_type: int) -> bytes:
-    """[B,3,320,320] float32 -> bytes in the requested encoding.
+def encode_mouths(mouths: np.ndarray, output_type: int) -> np.ndarray:
+    """[B,3,320,320] float32 -> a C-contiguous array in the requested wire encoding.
 
     FLOAT32/FLOAT16 keep the layout; UINT8 is trunc(255 x) as HWC [B,320,320,3], exactly
-    what the reference pastes.
+    what the reference pastes. The reply is serialized from the array's memory
+    (lipsync/infer_wire.py).
     """
     if output_type == ipb.FLOAT16:
-        return mouths.astype(np.float16).tobytes()
+        return mouths.astype(np.float16)
     if output_type == ipb.UINT8:
-        return mouth_to_uint8(mouths).tobytes()
-    return mouths.tobytes()
+        return mouth_to_uint8(mouths)
+    return np.ascontiguousarray(mouths, np.float32)
 
 
 class _Abort(Exception):
@@ -173,7 +175,7 @@ class InferenceServicer(ipb_grpc.InferenceServiceServicer):
     def Infer(self, request, context):
         return self._guard(context, self._infer, request)
 
-    def _infer(self, request: ipb.InferRequest) -> ipb.InferResponse:
+    def _infer(self, request: ipb.InferRequest) -> InferReply:
         t0 = time.perf_counter()
         d = self._decode(request)
         self._model_id(d.model_id)
@@ -193,14 +195,14 @@ class InferenceServicer(ipb_grpc.InferenceServiceServicer):
         timings = dict(res.timings.ms)
         timings["decode"] = decode_ms
         timings["encode"] = (time.perf_counter() - t1) * 1000.0
-        return ipb.InferResponse(
-            mouths=payload,
+        fields = ipb.InferResponse(
             output_type=request.output_type,
             batch_size=d.batch,
             gpu_id=self.cfg.inference.device_id if "CUDA" in res.provider else -1,
             stage_times_ms=timings,
             execution_provider=res.provider,
         )
+        return InferReply(fields, payload)
 
     def ComputeAudioFeatures(self, request, context):
         return self._guard(context, self._features, request)
@@ -297,7 +299,7 @@ def start(
     """Start the inference service (non-blocking). `port=0` binds a free port."""
     engine = engine or InferenceEngine(cfg)
     server = create_server(cfg.inference.max_workers, cfg.limits.max_message_bytes)
-    ipb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(engine, cfg), server)
+    add_inference_servicer(InferenceServicer(engine, cfg), server)
     add_health(server, [SERVICE_NAME])
     bound = bind(server, cfg.inference.host, cfg.inference.port if port is None else port)
     server.start()
