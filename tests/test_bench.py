@@ -32,7 +32,7 @@ def test_bench_writes_every_figure(tmp_path, monkeypatch, capsys):
     assert r["unet_ceiling_fps"] == statistics.median(ceilings)
     around = r["e2e"]["2"]["ceiling_around_fps"]
     assert around == ceilings[2:4] and r["e2e"]["1"]["ceiling_around_fps"] == ceilings[1:3]
-    assert r["ratio_e2e_to_ceiling"] == r["e2e_fps"]["2"] / ((around[0] + around[1]) / 2)
+    assert r["ratio_e2e_to_ceiling"] == r["e2e_fps"]["2"] / max(around)
     stages = r["stages_ms_per_frame"]
     for stage in ("mel", "audio_encoder", "unet", "crop", "paste_720p", "paste_1080p"):
         assert positive(stages[stage]), stage
