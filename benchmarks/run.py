@@ -28,7 +28,8 @@ import onnxruntime as ort
 
 from benchmarks import bench_avatar
 from benchmarks.transfer import bench_transfer
-from compositing_service.jpeg import EncodedFrame, JpegEncoder
+from compositing_service.compositor import paste_and_encode
+from compositing_service.jpeg import JpegEncoder
 from inference_service import audio
 from inference_service.sessions import SessionOptions, UNetBinding, create_session
 from lipsync.config import load_config
@@ -123,22 +124,18 @@ def bench_stages(folder: Path, opts: SessionOptions, quality: int) -> dict[str, 
     ms["jpeg_720p"] = median_time(lambda: enc.encode(frame720), 20) * 1e3
     ms["jpeg_1080p"] = median_time(lambda: enc.encode(frame1080), 20) * 1e3
 
-    def region(frame: np.ndarray, rect: list[int], crop: np.ndarray, base: EncodedFrame) -> bytes:
-        """What the compositor does per frame: paste into a copy of the restart intervals
-        the rect touches and re-encode only those into the background's cached JPEG."""
-        x1, y1, x2, y2 = rect
-        left, top, right, bottom = enc.region((x1, y1, x2, y2), frame.shape[1], frame.shape[0])
-        patch = frame[top:bottom, left:right].copy()
-        paste_back(patch, (x1 - left, y1 - top, x2 - left, y2 - top), crop, mouth)
-        return enc.encode_region(base, patch, left, top)
-
     for name, frame, rect, crop in (
         ("720p", frame720, rect720, crop720),
         ("1080p", frame1080, rect1080, crop1080),
     ):
+        # what the compositor does per frame
         base = enc.encode_frame(frame)
         ms[f"paste_jpeg_region_{name}"] = (
-            median_time(lambda f=frame, r=rect, c=crop, b=base: region(f, r, c, b), 20) * 1e3
+            median_time(
+                lambda f=frame, r=rect, c=crop, b=base: paste_and_encode(enc, f, r, c, mouth, b),
+                20,
+            )
+            * 1e3
         )
     return ms
 
@@ -202,17 +199,16 @@ def _torch_unet(gpu: bool) -> Callable[[np.ndarray, np.ndarray], np.ndarray] | N
 
 
 def bench_reference_loops(
-    folder: Path, opts: SessionOptions, frames: int, quality: int, gpu: bool
+    folder: Path, sess: ort.InferenceSession, frames: int, quality: int, gpu: bool
 ) -> dict[str, float]:
     """The reference script's way: per frame crop -> tensor -> UNet (batch 1) -> paste -> JPEG,
     with the clip's audio features computed up front, as the reference does. Frames per
     second with the UNet in ONNX Runtime at batch 1, and in PyTorch eager when torch is
-    installed (the `convert` extra)."""
+    installed (the `convert` extra). `sess`: the avatar's UNet in ONNX Runtime."""
     avatar_frames = [cv2.imread(str(folder / "frames" / f"{i}.jpg")) for i in range(frames)]
     rects = json.loads((folder / "crop_rects.json").read_text())
     blocks = np.random.default_rng(1).standard_normal((frames, 32, 16, 16)).astype(np.float32)
     params = [int(cv2.IMWRITE_JPEG_QUALITY), quality]
-    sess = create_session(folder / "unet.onnx", opts, fp16_ok=True)
     b = UNetBinding.of(sess)
 
     def ort_unet(vis: np.ndarray, blk: np.ndarray) -> np.ndarray:
@@ -367,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print("measuring the reference loop...")
     ref_loops = bench_reference_loops(
-        folder, opts, args.reference_frames, cfg.compositing.jpeg_quality, gpu
+        folder, unet.session, args.reference_frames, cfg.compositing.jpeg_quality, gpu
     )
     ref_kind = "pytorch" if "pytorch" in ref_loops else "onnxruntime"
     ref_fps = ref_loops[ref_kind]

@@ -50,12 +50,12 @@ class AvatarFrames:
         intervals: the idle frame as it is, and what composited frames splice into."""
         key = (index, encoder.quality)
         with self._encoded_lock:
-            rows = self._encoded.get(key)
-        if rows is None:
-            rows = encoder.encode_frame(self.frames[index])
+            encoded = self._encoded.get(key)
+        if encoded is None:
+            encoded = encoder.encode_frame(self.frames[index])
             with self._encoded_lock:
-                self._encoded[key] = rows
-        return rows
+                self._encoded[key] = encoded
+        return encoded
 
     @property
     def count(self) -> int:

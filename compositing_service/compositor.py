@@ -5,6 +5,7 @@ frames, and paste mouths back then JPEG-encode, spread over a thread pool
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -12,7 +13,7 @@ import cv2
 import numpy as np
 
 from compositing_service.background_cache import AvatarFrames, pingpong
-from compositing_service.jpeg import JpegEncoder
+from compositing_service.jpeg import EncodedFrame, JpegEncoder
 from lipsync.visual import INNER, face_crop, inner, paste_back
 
 
@@ -21,6 +22,25 @@ class BatchCrops:
     indices: list[int]  # background frame index of each output frame
     crops: list[np.ndarray]  # 328x328x3 crops (kept for the paste)
     inner: np.ndarray  # uint8 [B, 320, 320, 3], what the inference service gets
+
+
+def paste_and_encode(
+    jpeg: JpegEncoder,
+    frame: np.ndarray,
+    rect: Sequence[int] | np.ndarray,
+    crop: np.ndarray,
+    mouth_u8: np.ndarray,
+    encoded: EncodedFrame,
+) -> bytes:
+    """The JPEG of `frame` (not changed) with `mouth_u8` pasted at `rect`. Only the restart
+    intervals the rect touches change: paste into a copy of that region and encode just
+    the region into `encoded`, the frame's cached JPEG (compositing_service/jpeg.py)."""
+    x1, y1, x2, y2 = (int(v) for v in rect)
+    h, w = frame.shape[:2]
+    left, top, right, bottom = JpegEncoder.region((x1, y1, x2, y2), w, h)
+    patch = frame[top:bottom, left:right].copy()
+    paste_back(patch, (x1 - left, y1 - top, x2 - left, y2 - top), crop, mouth_u8)
+    return jpeg.encode_region(encoded, patch, left, top)
 
 
 class Compositor:
@@ -57,15 +77,9 @@ class Compositor:
         def one(k: int) -> bytes:
             i = indices[k]
             frame = avatar.frames[i]
-            x1, y1, x2, y2 = (int(v) for v in avatar.rects[i])
             crop = crops[k] if crops is not None else face_crop(frame, avatar.rects[i])
-            # Only the restart intervals the rect touches change: paste into a copy of that
-            # region and encode just the region (compositing_service/jpeg.py).
-            h, w = frame.shape[:2]
-            left, top, right, bottom = JpegEncoder.region((x1, y1, x2, y2), w, h)
-            patch = frame[top:bottom, left:right].copy()
-            paste_back(patch, (x1 - left, y1 - top, x2 - left, y2 - top), crop, mouths[k])
-            return self.jpeg.encode_region(avatar.encoded(i, self.jpeg), patch, left, top)
+            encoded = avatar.encoded(i, self.jpeg)
+            return paste_and_encode(self.jpeg, frame, avatar.rects[i], crop, mouths[k], encoded)
 
         return list(self.pool.map(one, range(len(indices))))
 

@@ -24,6 +24,8 @@ __all__ = ["MediaError", "ffmpeg_exe", "probe", "write_jpeg_folder", "write_mp4"
 
 AUDIO_RATE = 16000
 STDERR_TAIL_LINES = 20
+# Every ffmpeg run that writes: quiet but for errors, no stdin prompts, overwrite.
+_WRITE_FLAGS = ["-hide_banner", "-nostdin", "-loglevel", "error", "-y"]
 
 
 class MediaError(RuntimeError):
@@ -63,11 +65,7 @@ def encode_command(
     """Step 1 of `write_mp4`: JPEGs on stdin to an H.264 stream in `video` (no audio)."""
     return [
         ffmpeg,
-        "-hide_banner",
-        "-nostdin",
-        "-loglevel",
-        "error",
-        "-y",
+        *_WRITE_FLAGS,
         # concatenated JPEGs on stdin, one per frame at `fps`
         "-f",
         "image2pipe",
@@ -101,11 +99,7 @@ def mux_command(ffmpeg: str, video: Path, wav: Path, out: Path) -> list[str]:
     length) encoded to AAC."""
     cmd = [
         ffmpeg,
-        "-hide_banner",
-        "-nostdin",
-        "-loglevel",
-        "error",
-        "-y",
+        *_WRITE_FLAGS,
         "-i",
         str(video),
         "-i",

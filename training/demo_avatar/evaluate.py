@@ -35,32 +35,13 @@ import soundfile as sf
 
 from inference_service.audio import clip_frame_count, feature_blocks, mel_windows, melspectrogram
 from lipsync.visual import face_crop, inner, mouth_to_uint8, paste_back, visual_input
+from training.demo_avatar.make_data import speech_envelope  # the envelope training used
 
 FPS = 25
 SR = 16000
 # Inner-mouth region of the demo avatar as fractions of the crop rect (x1, y1, x2, y2).
 DEMO_MOUTH_REGION = (0.25, 0.30, 0.75, 0.57)
 DARK_THRESHOLD = 70  # grey level (0..255) below which a pixel counts as inner mouth
-ENV_WINDOW_S = 0.08
-
-
-def speech_envelope(
-    audio16k: np.ndarray,
-    n_frames: int,
-    fps: int = FPS,
-    offset_s: float = 0.0,
-    window_s: float = ENV_WINDOW_S,
-) -> np.ndarray:
-    """RMS of the audio in a ``window_s`` window centred on ``k / fps + offset_s`` s."""
-    half = round(float(window_s * SR / 2))
-    a = np.concatenate(
-        [np.zeros(half), np.asarray(audio16k, np.float64).reshape(-1), np.zeros(half)]
-    )
-    c = np.concatenate([[0.0], np.cumsum(a * a)])
-    centres = np.round((np.arange(n_frames) / fps + offset_s) * SR).astype(np.int64) + half
-    lo = np.clip(centres - half, 0, len(a))
-    hi = np.clip(centres + half, 0, len(a))
-    return np.sqrt((c[hi] - c[lo]) / (2 * half))
 
 
 def mouth_opening(

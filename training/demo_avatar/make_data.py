@@ -274,7 +274,7 @@ def speech_envelope(
     """RMS of ``audio`` (16 kHz) in a ``window_s`` window centred on ``k / fps + offset_s``
     for k = 0..n_frames-1 (zeros outside the clip). float64 ``[n_frames]``."""
     half = round(float(window_s * SR / 2))
-    a = np.concatenate([np.zeros(half), np.asarray(audio, np.float64), np.zeros(half)])
+    a = np.concatenate([np.zeros(half), np.asarray(audio, np.float64).reshape(-1), np.zeros(half)])
     c = np.concatenate([[0.0], np.cumsum(a * a)])
     centres = np.round((np.arange(n_frames) / fps + offset_s) * SR).astype(np.int64) + half
     lo = np.clip(centres - half, 0, len(a))
