@@ -4,10 +4,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# The GPU build of ONNX Runtime where an NVIDIA driver answers, else the CPU build.
-ORT_EXTRA ?= $(shell nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
+# The inference extra with the GPU build of ONNX Runtime where an NVIDIA driver answers,
+# else the one with the CPU build (pyproject.toml lists the extras).
+ORT_EXTRA ?= $(shell nvidia-smi >/dev/null 2>&1 && echo inference-gpu || echo inference)
 PROTOS := $(wildcard shared_proto/*.proto)
-STUBS := shared_proto/compositing_pb2.py shared_proto/inference_pb2.py
+STUBS := $(PROTOS:.proto=_pb2.py) $(PROTOS:.proto=_pb2_grpc.py)
 
 .PHONY: setup run test lint demo bench clean help
 
@@ -18,14 +19,18 @@ help:
 	@echo "make test   - lint and run the test suite"
 	@echo "make bench  - benchmark every stage and the end-to-end pipeline"
 
-$(VENV)/.installed-$(ORT_EXTRA): pyproject.toml
+# Everything, for development: the client (base), both services, the web page and tools.
+$(VENV)/.installed-$(ORT_EXTRA): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e ".[dev,render,$(ORT_EXTRA)]"
+	$(PIP) install -q -e ".[dev,render,web,tools,compositing,tracing,$(ORT_EXTRA)]"
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-$(STUBS): $(PROTOS) $(VENV)/.installed-$(ORT_EXTRA)
+# The gRPC stubs of every shared_proto/*.proto, into shared_proto/ (the editable install
+# writes them too; this rule keeps them fresh when a .proto changes). Wheels generate
+# their own at build time (setup.py).
+$(STUBS) &: $(PROTOS) scripts/gen_proto.py $(VENV)/.installed-$(ORT_EXTRA)
 	$(PY) scripts/gen_proto.py
 
 setup: $(VENV)/.installed-$(ORT_EXTRA) $(STUBS)
@@ -51,3 +56,27 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) out shared_proto/*_pb2*.py shared_proto/*_pb2*.pyi
+
+# Container images (deploy/*.Dockerfile, docs/DEPLOY.md): `make images` builds all four;
+# IMAGES=... a subset, IMAGE_TAG the tag, BASE_IMAGE another Debian bookworm + Python 3.11
+# base, DOCKER_BUILD_FLAGS more `docker build` flags.
+IMAGES ?= inference inference-cpu compositing web
+IMAGE_TAG ?= 0.1.0
+BASE_IMAGE ?= python:3.11-slim-bookworm
+DOCKER ?= docker
+DOCKER_BUILD_FLAGS ?=
+IMAGE_FILE = deploy/$(if $(filter inference-cpu,$(1)),inference,$(1)).Dockerfile
+IMAGE_NAME = lipsync-$(if $(filter inference-cpu,$(1)),inference:$(IMAGE_TAG)-cpu,$(1):$(IMAGE_TAG))
+IMAGE_ARGS = $(if $(filter inference-cpu,$(1)),--build-arg EXTRA=inference --build-arg EXTRA_PACKAGES=)
+
+.PHONY: images
+images:
+	@set -e; for image in $(IMAGES); do case $$image in \
+	  inference|inference-cpu|compositing|web) ;; \
+	  *) echo "make images: unknown image $$image (inference inference-cpu compositing web)"; exit 2;; \
+	esac; done
+	$(foreach image,$(IMAGES),$(DOCKER) build -f $(call IMAGE_FILE,$(image)) \
+	  --build-arg BASE_IMAGE=$(BASE_IMAGE) $(call IMAGE_ARGS,$(image)) $(DOCKER_BUILD_FLAGS) \
+	  -t $(call IMAGE_NAME,$(image)) . &&) true
+	@$(DOCKER) image ls --format '{{.Repository}}:{{.Tag}}  {{.Size}}' \
+	  | grep -E '^lipsync-(inference|compositing|web):$(IMAGE_TAG)(-cpu)? ' || true

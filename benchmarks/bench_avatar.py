@@ -3,13 +3,19 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import cv2
 import numpy as np
-import yaml
 
+from lipsync.avatar_package import (
+    AUDIO_ENCODER_FILE,
+    MANIFEST_NAME,
+    UNET_FILE,
+    write_crop_rects,
+    write_frames,
+    write_manifest,
+)
 from lipsync.nets import build_reference_audio_encoder, build_reference_unet, save_model
 
 NAME = "bench"
@@ -38,29 +44,12 @@ def face_rect(width: int, height: int, i: int = 0) -> list[int]:
 def build(root: Path, n_frames: int = 50, width: int = 1280, height: int = 720) -> Path:
     """Write (once) the bench avatar under `root` and return its folder."""
     folder = root / NAME
-    if (folder / "avatar.yaml").exists():
+    if (folder / MANIFEST_NAME).exists():
         return folder
-    (folder / "frames").mkdir(parents=True, exist_ok=True)
-    for i in range(n_frames):
-        cv2.imwrite(
-            str(folder / "frames" / f"{i}.jpg"),
-            make_frame(width, height, i),
-            [cv2.IMWRITE_JPEG_QUALITY, 95],
-        )
-    rects = [face_rect(width, height, i) for i in range(n_frames)]
-    (folder / "crop_rects.json").write_text(json.dumps(rects))
-    save_model(build_reference_unet(seed=0), folder / "unet.onnx")
-    save_model(build_reference_audio_encoder(seed=0), folder / "audio_encoder.onnx")
-    (folder / "avatar.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "name": NAME,
-                "fps": 25,
-                "unet": "unet.onnx",
-                "audio_encoder": "audio_encoder.onnx",
-                "frames": "frames",
-                "crop_rects": "crop_rects.json",
-            }
-        )
-    )
+    folder.mkdir(parents=True, exist_ok=True)
+    write_frames(folder, (make_frame(width, height, i) for i in range(n_frames)), "{i}.jpg")
+    write_crop_rects(folder, [face_rect(width, height, i) for i in range(n_frames)])
+    save_model(build_reference_unet(seed=0), folder / UNET_FILE)
+    save_model(build_reference_audio_encoder(seed=0), folder / AUDIO_ENCODER_FILE)
+    write_manifest(folder, NAME)
     return folder

@@ -30,14 +30,15 @@ from benchmarks import bench_avatar
 from benchmarks.transfer import bench_transfer
 from compositing_service.compositor import paste_and_encode
 from compositing_service.jpeg import JpegEncoder
-from inference_service import audio
 from inference_service.sessions import SessionOptions, UNetBinding, create_session
 from lipsync.config import load_config
-from lipsync.launch import ServiceProcesses, free_port
+from lipsync.core import audio, mel, windows
+from lipsync.core.visual import face_crop, inner, mouth_to_uint8, paste_back, visual_input
+from lipsync.launch import ServiceProcesses
+from lipsync.ports import free_port
 from lipsync.proto import compositing_pb2 as cpb
 from lipsync.proto import compositing_pb2_grpc as cpb_grpc
 from lipsync.signals import speech_like
-from lipsync.visual import face_crop, inner, mouth_to_uint8, paste_back, visual_input
 
 OUT = Path("out")
 
@@ -86,18 +87,16 @@ def bench_stages(folder: Path, opts: SessionOptions, quality: int) -> dict[str, 
     cv2.setNumThreads(1)  # per core, as the compositing service runs frames in parallel
     ms: dict[str, float] = {}
     clip = speech_like(10.0)
-    n_frames = audio.clip_frame_count(1 + len(clip) // audio.HOP)
-    ms["mel"] = median_time(lambda: audio.melspectrogram(clip), 5) * 1e3 / n_frames
-    mel = audio.melspectrogram(clip)
-    windows = audio.mel_windows(mel)
+    n_frames = windows.clip_frame_count(1 + len(clip) // audio.HOP)
+    ms["mel"] = median_time(lambda: mel.melspectrogram(clip), 5) * 1e3 / n_frames
+    spec = mel.melspectrogram(clip)
+    wins = windows.mel_windows(spec)
     enc = create_session(folder / "audio_encoder.onnx", opts)
     name = enc.get_inputs()[0].name
-    ms["audio_encoder"] = (
-        median_time(lambda: enc.run(None, {name: windows}), 3) * 1e3 / len(windows)
-    )
-    feats = enc.run(None, {name: windows})[0]
+    ms["audio_encoder"] = median_time(lambda: enc.run(None, {name: wins}), 3) * 1e3 / len(wins)
+    feats = enc.run(None, {name: wins})[0]
     ms["audio_blocks"] = (
-        median_time(lambda: audio.feature_blocks(feats, np.arange(n_frames)), 5) * 1e3 / n_frames
+        median_time(lambda: windows.feature_blocks(feats, np.arange(n_frames)), 5) * 1e3 / n_frames
     )
 
     frame720 = bench_avatar.make_frame(1280, 720, 0)
@@ -243,7 +242,7 @@ def bench_e2e(
     is compared with the ceiling measured around it (shared machines drift by the minute):
     the higher of the two, since a busy neighbour can only make a measurement slower."""
     clip = speech_like(4.0, seed=3)
-    n_frames = audio.clip_frame_count(1 + len(clip) // audio.HOP)
+    n_frames = windows.clip_frame_count(1 + len(clip) // audio.HOP)
     payload = clip.tobytes()
     channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 1 << 28)])
     stub = cpb_grpc.CompositingServiceStub(channel)

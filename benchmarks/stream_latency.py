@@ -26,14 +26,15 @@ import grpc
 import numpy as np
 
 from benchmarks.run import cpu_name
-from inference_service import audio
-from lipsync.launch import ServiceProcesses, free_port
+from lipsync.core import lookahead
+from lipsync.launch import ServiceProcesses
+from lipsync.ports import free_port
 from lipsync.proto import compositing_pb2 as cpb
 from lipsync.proto import compositing_pb2_grpc as cpb_grpc
 from lipsync.signals import speech_like
 
 CHUNK = 320  # 20 ms at 16 kHz
-LOOKAHEAD_MS = max(audio.samples_needed(i) / 16 - 40 * i for i in range(100))
+LOOKAHEAD_MS = max(lookahead.samples_needed(i) / 16 - 40 * i for i in range(100))
 
 
 def run_stream(address: str, model: str, clip: np.ndarray, result: dict) -> None:

@@ -19,12 +19,14 @@ from pathlib import Path
 import numpy as np
 
 from compositing_service.inference_client import TRANSFER_TYPES, InferenceClient
-from inference_service.server import CROP_BYTES, encode_mouths
-from lipsync.grpc_util import add_health, bind, create_server
-from lipsync.infer_wire import InferReply, add_inference_servicer
-from lipsync.launch import free_port, wait_healthy
+from inference_service.servicer import encode_mouths
+from lipsync.core.tensors import FACE_CROP_BYTES
+from lipsync.ports import free_port
 from lipsync.proto import inference_pb2 as ipb
 from lipsync.proto import inference_pb2_grpc as ipb_grpc
+from lipsync.rpc.channel import wait_healthy
+from lipsync.rpc.infer_wire import InferReply, add_inference_servicer
+from lipsync.rpc.serve import add_health, bind, create_server
 
 MAX_BYTES = 1 << 28
 
@@ -40,7 +42,7 @@ class _StandIn(ipb_grpc.InferenceServiceServicer):
 
     def Infer(self, request, context):
         crops = request.face_crops  # read, as the real service does
-        if len(crops) != self.batch * CROP_BYTES:
+        if len(crops) != self.batch * FACE_CROP_BYTES:
             raise ValueError("unexpected batch")
         fields = ipb.InferResponse(output_type=request.output_type, batch_size=self.batch)
         return InferReply(fields, self.payloads[request.output_type])
@@ -71,7 +73,7 @@ def bench_transfer(batch: int = 8, calls: int = 20) -> dict[str, float]:
                 times = []
                 for _ in range(calls + 2):
                     t0 = time.perf_counter()
-                    client.infer(ipb.InferRequest(face_crops=crops, batch_size=batch))
+                    client.call(ipb.InferRequest(face_crops=crops, batch_size=batch))
                     times.append(time.perf_counter() - t0)
             finally:
                 client.close()

@@ -12,9 +12,11 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from compositing_service.background_cache import AvatarFrames, pingpong
+from compositing_service.frames import AvatarFrames
 from compositing_service.jpeg import EncodedFrame, JpegEncoder
-from lipsync.visual import INNER, face_crop, inner, paste_back
+from lipsync.core.tensors import INNER
+from lipsync.core.timeline import background_indices
+from lipsync.core.visual import face_crop, inner, paste_back
 
 
 @dataclass
@@ -55,7 +57,7 @@ class Compositor:
 
     @staticmethod
     def background_indices(avatar: AvatarFrames, start: int, batch: int) -> list[int]:
-        return [pingpong(start + k, avatar.count) for k in range(batch)]
+        return background_indices(start, batch, avatar.count)
 
     def crops(self, avatar: AvatarFrames, indices: list[int]) -> BatchCrops:
         crops = list(self.pool.map(lambda i: face_crop(avatar.frames[i], avatar.rects[i]), indices))

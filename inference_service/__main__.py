@@ -4,35 +4,17 @@ from __future__ import annotations
 
 import os
 
-# numpy's OpenBLAS threads spin after each call and take cores from ONNX Runtime and the
-# frame workers (measured: ~5% end-to-end throughput on 2 cores); the services' matrix
-# products are small. Set before numpy loads; the environment may override it.
+# numpy's OpenBLAS threads spin after each call and take cores from ONNX Runtime (measured:
+# ~5% end-to-end throughput on 2 cores); the services' matrix products are small. Set
+# before numpy loads; the environment may override it.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-
-import argparse
-import logging
-
-from lipsync.config import load_config
-from lipsync.grpc_util import setup_logging, wait_for_termination
-
-log = logging.getLogger("inference_service")
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="inference_service", description=__doc__)
-    ap.add_argument("--config", help="YAML config file (default: $LIPSYNC_CONFIG)")
-    ap.add_argument("--port", type=int, help="override inference.port")
-    args = ap.parse_args(argv)
-    cfg = load_config(args.config)
-    if args.port is not None:
-        cfg.inference.port = args.port
-    setup_logging(cfg.log_level)
-    from inference_service.server import start
+    from inference_service.servicer import start
+    from lipsync.rpc.serve import run_service
 
-    running = start(cfg)
-    running.engine.preload()
-    wait_for_termination(running.server, on_stop=running.engine.close)
-    return 0
+    return run_service("inference_service", __doc__, lambda c: c.inference, start, argv)
 
 
 if __name__ == "__main__":

@@ -9,30 +9,24 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from inference_service import audio
+from inference_service.batching import BatchRun, Expired, caller_scope
+from inference_service.memory import LoadMeter
 from inference_service.networks import AudioEncoder, AvatarNetworks, BatchPolicy, load_networks
 from inference_service.registry import ModelRegistry
 from inference_service.sessions import SessionOptions
 from lipsync.avatar_package import AvatarCatalog
 from lipsync.config import Config
-from lipsync.visual import visual_input
+from lipsync.core import audio, lookahead, mel, windows
+from lipsync.core.visual import visual_input
+from lipsync.limits import RequestError
 
 log = logging.getLogger(__name__)
-
-
-# A clip tail starts on a whole number of 16 mel rows (= 5 video frames), so that the
-# tail's window starts are the whole clip's minus a whole number of rows.
-TAIL_ALIGN = audio.TAIL_ALIGN
-
-
-class RequestError(ValueError):
-    """The request is malformed; the message says how."""
 
 
 @dataclass
@@ -50,17 +44,6 @@ class InferResult:
     mouths: np.ndarray  # float32 [B, 3, 320, 320] in [0, 1]
     timings: Timings
     provider: str
-
-
-def encoder_rows_needed(n: int, frame_indices: np.ndarray) -> tuple[int, int]:
-    """The range [lo, hi) of encoder outputs F that these frames' audio blocks read.
-
-    Frame i reads padded rows F'[i-8 : i+8] (those inside [0, n+2)), and
-    F'[r] = F[clip(r - 1, 0, n - 1)]; so F rows i-9 .. i+6, clipped to [0, n).
-    """
-    lo = min(max(int(frame_indices.min()) - 9, 0), n - 1)
-    hi = max(min(int(frame_indices.max()) + 7, n), lo + 1)
-    return lo, hi
 
 
 class InferenceEngine:
@@ -82,27 +65,32 @@ class InferenceEngine:
         self.registry: ModelRegistry[AvatarNetworks] = ModelRegistry(
             self._load, r.max_models, r.max_bytes, r.eviction, r.idle_unload_s
         )
+        # Told of every UNet run (a batchers' BatchRun): metrics, tracing (observe.py).
+        self.batch_events: list[Callable[[BatchRun], None]] = []
+
+    def _batch_event(self, run: BatchRun) -> None:
+        for listener in self.batch_events:
+            listener(run)
 
     def _load(self, model_id: str) -> AvatarNetworks:
         m = self.catalog.get(model_id)
-        return load_networks(
-            model_id,
-            m.unet,
-            m.audio_encoder,
-            self._shared_encoder,
-            self.session_opts,
-            self.batch_policy,
-        )
+        with LoadMeter(self.cfg.inference.device_id) as meter:
+            nets = load_networks(
+                model_id,
+                m.unet,
+                m.audio_encoder,
+                self._shared_encoder,
+                self.session_opts,
+                self.batch_policy,
+            )
+        nets.memory_bytes = meter.bytes
+        if nets.runner.batcher is not None:
+            nets.runner.batcher.events = self._batch_event
+        return nets
 
     def preload(self) -> None:
-        ids = self.cfg.inference.registry.preload
-        if "*" in ids:
-            ids = self.catalog.names()
-        for model_id in ids[: self.registry.max_models]:
-            try:
-                self.registry.load(model_id)
-            except Exception as exc:  # one bad avatar must not stop the service
-                log.error("preload of %s failed: %s", model_id, exc)
+        """Load `inference.registry.preload` ("*": every avatar, up to max_models)."""
+        self.registry.preload(self.cfg.inference.registry.preload, self.catalog.names)
 
     # -- audio ----------------------------------------------------------------
     def clip_blocks(
@@ -116,39 +104,50 @@ class InferenceEngine:
         """Audio blocks [len(frame_indices), 32, 16, 16] of clip frames (any index >= 0).
 
         `samples` are the clip's 16 kHz samples from `sample_offset` on (a multiple of
-        TAIL_ALIGN; 0 = the whole clip), so a stream can send only the tail its next frames
-        need. Frame indices are the whole clip's; frames whose windows would need the
+        `lookahead.TAIL_ALIGN`; 0 = the whole clip), so a stream can send only the tail its
+        next frames need. Frame indices are the whole clip's; frames whose windows would need the
         omitted samples are refused.
         """
-        if sample_offset < 0 or sample_offset % TAIL_ALIGN:
-            raise RequestError(f"sample_offset must be a multiple of {TAIL_ALIGN} samples")
+        if sample_offset < 0 or sample_offset % lookahead.TAIL_ALIGN:
+            raise RequestError(
+                f"sample_offset must be a multiple of {lookahead.TAIL_ALIGN} samples"
+            )
         idx = np.asarray(frame_indices, dtype=np.int64)
         # Only the span of the clip these frames depend on: from the aligned tail start
         # behind the first frame to the last frame's lookahead (the whole rest when the
         # frames reach the clip's end). Same blocks, and the cost of a batch no longer
-        # grows with the clip's length (audio.samples_needed, tests/test_stream_semantics).
+        # grows with the clip's length (lookahead.samples_needed, tests/test_stream_semantics).
+        # Frames far past the clip's end read its last rows (or zeros): the span never
+        # starts past the clip (lookahead.clip_span), so clip_frame_offset costs nothing.
         total = sample_offset + len(samples)
-        start = max(sample_offset, audio.tail_offset(int(idx.min())))
-        stop = min(total, audio.samples_needed(int(idx.max())))
+        span_start, stop = lookahead.clip_span(total, int(idx.min()), int(idx.max()))
+        start = max(sample_offset, span_start)
         if stop < total or start > sample_offset:
             samples = samples[start - sample_offset : stop - sample_offset]
             sample_offset = start
         t0 = time.perf_counter()
-        mel = audio.melspectrogram(samples)
+        spec = mel.melspectrogram(samples)
         t0 = timings.add("mel", t0)
         shift = sample_offset // audio.HOP  # mel rows not sent
-        total_mel = len(mel) + shift
-        n = audio.video_frame_count(total_mel)
-        lo, hi = encoder_rows_needed(n, idx)
-        starts = audio.mel_window_starts(total_mel)[lo:hi] - shift
+        total_mel = len(spec) + shift
+        n = windows.video_frame_count(total_mel)
+        lo, hi = windows.encoder_rows_needed(n, idx)
+        # windows.mel_window_starts(total_mel)[lo:hi], without the rows before lo
+        starts = (
+            np.minimum(
+                (np.arange(lo, hi, dtype=np.int64) * audio.MEL_FPS) // audio.VIDEO_FPS,
+                total_mel - audio.WINDOW,
+            )
+            - shift
+        )
         # A tail's first 3 mel rows see the cut (zero padding, pre-emphasis), so skip them.
         if shift and starts.min() < 3:
             raise RequestError(
                 f"frames from {int(idx.min())} need audio before sample_offset {sample_offset}"
             )
-        features = nets.encoder.encode(audio.windows_at(mel, starts))
+        features = nets.encoder.encode(windows.windows_at(spec, starts))
         t0 = timings.add("audio_encoder", t0)
-        blocks = audio.feature_blocks(features, idx, first_row=lo, total_rows=n)
+        blocks = windows.feature_blocks(features, idx, first_row=lo, total_rows=n)
         timings.add("audio_blocks", t0)
         return blocks
 
@@ -190,6 +189,9 @@ class InferenceEngine:
             audio_in = (
                 features if len(features) == b else np.broadcast_to(features, (b, 32, 16, 16))
             )
+        scope = caller_scope.get()  # a stage boundary: drop the work of a caller who left
+        if scope is not None and (why := scope.gone()):
+            raise Expired(why)
         t0 = time.perf_counter()
         vis = visual if visual is not None else visual_input(face_crops)
         t0 = timings.add("visual_input", t0)
@@ -197,13 +199,6 @@ class InferenceEngine:
         timings.add("unet", t0)
         self.registry.record(model_id, b, (time.perf_counter() - t_start) * 1000.0)
         return InferResult(out, timings, nets.provider)
-
-    def clip_features(self, model_id: str, clip: np.ndarray) -> tuple[np.ndarray, Timings]:
-        """Audio blocks of every frame of a clip: [n + 2, 32, 16, 16]."""
-        timings = Timings()
-        nets = self.registry.get(model_id)
-        t = audio.clip_frame_count(1 + len(clip) // audio.HOP)
-        return self.clip_blocks(nets, clip, np.arange(t), timings), timings
 
     def close(self) -> None:
         self.registry.close()

@@ -130,6 +130,8 @@ class AvatarNetworks:
     nbytes: int
     provider: str
     runner: _Runner
+    # Memory the load added, measured (inference_service/memory.py): GetModelStats.
+    memory_bytes: int = 0
 
     def _run(self, visual: np.ndarray, audio: np.ndarray) -> np.ndarray:
         b = self.unet_binding

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -27,9 +28,13 @@ from types import TracebackType
 import grpc
 import numpy as np
 
-from inference_service.audio import MIN_SAMPLES, SAMPLE_RATE, clip_frame_count
+from lipsync.core.audio import MIN_SAMPLES, SAMPLE_RATE, pad_to_min_clip, resample_to_16k, to_int16
+from lipsync.core.windows import frames_of_samples
 from lipsync.proto import compositing_pb2 as cpb
 from lipsync.proto import compositing_pb2_grpc as cpb_grpc
+from lipsync.rpc.channel import message_options
+from lipsync.rpc.errors import rpc_error_message
+from lipsync.rpc.tls import TLSConfigError, channel_credentials
 
 __all__ = [
     "MIN_SAMPLES",
@@ -46,8 +51,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_ADDRESS = "localhost:50052"
+API_KEY_ENV = "LIPSYNC_API_KEY"
 MAX_MESSAGE_BYTES = 256 << 20  # the services' default limits.max_message_bytes
-HOP = 200  # audio samples per mel frame at 16 kHz
 
 
 class LipsyncError(RuntimeError):
@@ -83,39 +88,17 @@ def clip_frames(n_samples: int) -> int:
     `n = int((T - 16) / 80 * 25) + 2`; clips shorter than `MIN_SAMPLES` (3000) are refused
     by the service (pad them with `pad_audio`).
     """
-    return clip_frame_count(1 + int(n_samples) // HOP)
+    return frames_of_samples(n_samples)
 
 
 def pad_audio(audio16k: np.ndarray) -> tuple[np.ndarray, bool]:
     """Zero-pad a clip shorter than `MIN_SAMPLES` to that length; returns (audio, padded)."""
-    x = np.asarray(audio16k).reshape(-1)
-    if x.size >= MIN_SAMPLES:
-        return x, False
-    out = np.zeros(MIN_SAMPLES, dtype=x.dtype)
-    out[: x.size] = x
-    return out, True
+    return pad_to_min_clip(audio16k)
 
 
 def to_pcm16(audio: np.ndarray) -> np.ndarray:
-    """Float samples in [-1, 1] to int16 (clipped, rounded); int16 input is returned as is."""
-    x = np.asarray(audio).reshape(-1)
-    if x.dtype == np.int16:
-        return x
-    y = np.clip(np.rint(x.astype(np.float64) * 32768.0), -32768, 32767)
-    return y.astype(np.int16)
-
-
-def _resample_to_16k(x: np.ndarray, sr: int) -> np.ndarray:
-    """soxr HQ resampling with librosa's output length (``ceil(n * 16000 / sr)``)."""
-    import soxr
-
-    n_out = int(np.ceil(x.size * SAMPLE_RATE / sr))
-    y = np.asarray(soxr.resample(x, sr, SAMPLE_RATE, quality="HQ"), dtype=np.float32)
-    if y.size >= n_out:
-        return np.ascontiguousarray(y[:n_out])
-    out = np.zeros(n_out, dtype=np.float32)
-    out[: y.size] = y
-    return out
+    """Float samples in [-1, 1] to int16 (`rint(32768 x)`, clipped); int16 is kept as is."""
+    return to_int16(audio)
 
 
 def load_audio(path: str | Path) -> tuple[np.ndarray, float]:
@@ -148,7 +131,7 @@ def load_audio(path: str | Path) -> tuple[np.ndarray, float]:
     if not np.isfinite(x).all():
         raise LipsyncError(f"audio file {p} contains NaN or infinite samples")
     if sr != SAMPLE_RATE:
-        x = _resample_to_16k(x, int(sr))
+        x = resample_to_16k(x, int(sr))
     return x, x.size / SAMPLE_RATE
 
 
@@ -166,17 +149,31 @@ class LipsyncClient:
         address: str = DEFAULT_ADDRESS,
         timeout_s: float = 60.0,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
+        *,
+        ca_file: str | Path | None = None,
+        cert_file: str | Path | None = None,
+        key_file: str | Path | None = None,
+        api_key: str | None = None,
     ):
+        """`ca_file`: connect with TLS, trusting that CA (PEM); `cert_file`/`key_file`: a
+        client certificate (mutual TLS). `api_key` (default `$LIPSYNC_API_KEY`) is sent as
+        `authorization: Bearer <key>` with every call (docs/SECURITY.md)."""
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(
-            address,
-            options=[
-                ("grpc.max_send_message_length", max_message_bytes),
-                ("grpc.max_receive_message_length", max_message_bytes),
-            ],
-        )
+        try:
+            credentials = channel_credentials(
+                *(str(f) if f else None for f in (ca_file, cert_file, key_file))
+            )
+        except TLSConfigError as exc:
+            raise LipsyncError(str(exc)) from None
+        options = message_options(max_message_bytes)
+        if credentials is None:
+            self._channel = grpc.insecure_channel(address, options=options)
+        else:
+            self._channel = grpc.secure_channel(address, credentials, options=options)
         self._stub = cpb_grpc.CompositingServiceStub(self._channel)
+        key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+        self._metadata = (("authorization", f"Bearer {key}"),) if key else ()
 
     # context manager -----------------------------------------------------------------------
     def close(self) -> None:
@@ -195,21 +192,16 @@ class LipsyncClient:
     def _call(self, method: str, request: object, timeout_s: float | None = None) -> object:
         try:
             return getattr(self._stub, method)(
-                request, timeout=self.timeout_s if timeout_s is None else timeout_s
+                request,
+                timeout=self.timeout_s if timeout_s is None else timeout_s,
+                metadata=self._metadata,
             )
         except grpc.RpcError as exc:
             raise self._error(exc, method) from None
 
     def _error(self, exc: grpc.RpcError, method: str) -> LipsyncError:
         code = exc.code() if hasattr(exc, "code") else None
-        details = exc.details() if hasattr(exc, "details") else str(exc)
-        if code == grpc.StatusCode.UNAVAILABLE:
-            msg = f"cannot reach the compositing service at {self.address}: {details}"
-        elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            msg = f"the compositing service at {self.address} did not answer in time"
-        else:
-            msg = details or f"{method} failed: {code}"
-        return LipsyncError(msg, code)
+        return LipsyncError(rpc_error_message(exc, "compositing service", self.address), code)
 
     # simple RPCs ---------------------------------------------------------------------------
     def health(self, timeout_s: float | None = None) -> cpb.HealthResponse:
@@ -384,7 +376,7 @@ class LipsyncClient:
             yield cpb.StreamRequest(end_of_audio=True)
 
         try:
-            yield from self._stub.StreamComposite(requests())
+            yield from self._stub.StreamComposite(requests(), metadata=self._metadata)
         except grpc.RpcError as exc:
             raise self._error(exc, "StreamComposite") from None
 

@@ -11,11 +11,20 @@ Precedence (lowest first): the defaults in this file, the YAML file named by
 
 Environment values are parsed as YAML scalars/lists (`8`, `true`, `[cuda, cpu]`, `cuda,cpu`).
 `deploy/config.example.yaml` lists every field with its default.
+
+A `LIPSYNC_*` variable is taken only when its path names a field (a leaf, not a section).
+Others are ignored, not refused: Kubernetes injects service-link variables such as
+`LIPSYNC_INFERENCE_SERVICE_HOST` and `LIPSYNC_INFERENCE_PORT` into every pod of a
+namespace that has a Service named `lipsync-inference`, and those must not stop a
+service from starting. `ignored_env_vars(env)` lists them; `load_config` logs the ones
+that look like a mistyped field (they contain `__`) as a warning, the rest at debug.
+A YAML file with an unknown key is still an error.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import types
 import typing
@@ -24,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+log = logging.getLogger(__name__)
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -63,6 +74,65 @@ class BatchingConfig:
 
 
 @dataclass
+class TLSConfig:
+    """TLS of a gRPC port (PEM files, re-read when they change; docs/SECURITY.md).
+    No cert_file: plaintext."""
+
+    cert_file: str | None = None
+    key_file: str | None = None
+    # Require client certificates signed by this CA (mutual TLS); unset: any client.
+    client_ca_file: str | None = None
+    # A plaintext port serving only grpc.health.v1 (Kubernetes' gRPC probes cannot
+    # speak TLS); 0: none.
+    health_port: int = 0
+
+
+@dataclass
+class ClientTLSConfig:
+    """How a client verifies a TLS service and authenticates to it (PEM files).
+    No ca_file: plaintext."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None  # client certificate (mutual TLS)
+    key_file: str | None = None
+
+
+@dataclass
+class AuthConfig:
+    """API keys on the client port (docs/SECURITY.md)."""
+
+    # YAML list of {name, key_sha256, scopes, max_streams, max_frames_per_second};
+    # unset: every caller may call everything.
+    api_keys_file: str | None = None
+
+
+@dataclass
+class CompositingAdmissionConfig:
+    """Load shedding on the client port (docs/RELIABILITY.md)."""
+
+    # InferBatchComposite frames in progress; a request past it is refused at once
+    # (RESOURCE_EXHAUSTED, `retry-after-ms` in the trailing metadata)
+    max_inflight_frames: int = 256
+    max_inflight_bytes: int = 2 * GiB  # request bytes of those requests
+    retry_after_ms: int = 1000
+    # retry an inference call that failed with UNAVAILABLE (the service restarting), waiting
+    # for it, for this long (within the caller's deadline); 0: no retries
+    inference_retry_s: float = 15.0
+    health_watch_s: float = 1.0  # readiness follows the inference service's health; 0: off
+
+
+@dataclass
+class InferenceAdmissionConfig:
+    """Load shedding on the inference port (docs/RELIABILITY.md)."""
+
+    # Infer frames in progress; past it RESOURCE_EXHAUSTED (room for a compositing
+    # service's batches and max_sessions streams of stream.max_batch frames)
+    max_inflight_frames: int = 1024
+    max_inflight_bytes: int = 4 * GiB  # request bytes of those calls
+    retry_after_ms: int = 500
+
+
+@dataclass
 class InferenceConfig:
     host: str = "0.0.0.0"
     port: int = 50051
@@ -80,16 +150,22 @@ class InferenceConfig:
     # but the spinning takes CPU from anything sharing the cores (CPU-only deployments).
     allow_spinning: bool = False
     max_workers: int = 16  # gRPC handler threads
+    admission: InferenceAdmissionConfig = field(default_factory=InferenceAdmissionConfig)
+    metrics_port: int = 9101  # Prometheus /metrics over HTTP (docs/OPERATIONS.md); 0: off
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+    tls: TLSConfig = field(default_factory=TLSConfig)
 
 
 @dataclass
 class FrameCacheConfig:
-    """Background frames held decoded in the compositing service's memory."""
+    """Avatars' background frames in the compositing service's memory: each avatar as its
+    frame files' bytes (and the JPEG of each frame served), decoded a frame at a time into
+    one LRU shared by all avatars (compositing_service/frames.py)."""
 
-    max_avatars: int = 8
-    max_bytes: int = 6 * GiB
+    max_avatars: int = 2000
+    max_bytes: int = 6 * GiB  # frame files + cached JPEGs, all avatars together
+    decoded_max_bytes: int = 1 * GiB  # the LRU of decoded frames
     preload: list[str] = field(default_factory=lambda: ["*"])  # "*" = every avatar found
 
 
@@ -102,6 +178,30 @@ class StreamConfig:
     gap_flush_ms: float = 250.0  # realtime: end a clip the player waits on after this gap
     max_queued_frames: int = 256  # offline: made but unsent frames before pausing
     max_sessions: int = 64  # concurrent streams; more are refused (RESOURCE_EXHAUSTED)
+    # audio received but not yet made into frames; past it the stream stops reading the
+    # client's messages (gRPC flow control holds a sender that runs ahead)
+    max_buffered_audio_s: float = 30.0
+
+
+@dataclass
+class RoutingConfig:
+    """Routing of inference calls over several replicas, when `inference_address` names
+    more than one (a comma-separated list, or `dns:///name:port`; docs/SCALING.md)."""
+
+    refresh_s: float = 5.0  # re-resolve dns:/// names; adopt what replicas hold
+    health_interval_s: float = 2.0  # grpc.health.v1 Check of every replica
+    health_timeout_s: float = 1.0
+    # An avatar's calls stay on its replica until that has this many calls in flight
+    # (and spread_factor x the average); then the avatar spreads to one more replica.
+    spread_min_inflight: int = 4
+    spread_factor: float = 1.25
+    spread_after: int = 8  # ... for this many calls in a row (a burst is not a trend)
+    max_replicas_per_avatar: int = 0  # 0: no limit
+    cool_s: float = 10.0  # a spread avatar quiet this long is drawn back one replica
+    unload_on_drawback: bool = True  # and the replica it left unloads it
+    # A cold avatar goes to the least-loaded of its first k replicas by rendezvous hash
+    # (0: of all). Several compositing replicas: 2 keeps them from scattering an avatar.
+    cold_choices: int = 0
 
 
 @dataclass
@@ -115,31 +215,59 @@ class CompositingConfig:
     inference_chunk: int = 32
     jpeg_quality: int = 90
     workers: int = 0  # threads for crop/paste/JPEG; 0: one per core
-    max_workers: int = 32  # gRPC handler threads
+    max_workers: int = 32  # gRPC handler threads for unary calls (streams get their own)
+    admission: CompositingAdmissionConfig = field(default_factory=CompositingAdmissionConfig)
     # Encoding of the mouth regions the inference service returns:
     # float32 (the design's default), float16 or uint8 (trunc(255 x), bit-exact too).
     transfer_dtype: str = "float32"
+    metrics_port: int = 9102  # Prometheus /metrics over HTTP (docs/OPERATIONS.md); 0: off
+    # lipsync_frames_total has a model_id label for the first this-many avatars served;
+    # the rest count as "other" (bounded series with thousands of avatars).
+    metrics_model_labels: int = 50
     frame_cache: FrameCacheConfig = field(default_factory=FrameCacheConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    tls: TLSConfig = field(default_factory=TLSConfig)  # the client port
+    inference_tls: ClientTLSConfig = field(default_factory=ClientTLSConfig)
 
 
 @dataclass
 class WebConfig:
     """The browser page and its WebSocket gateway (`python -m lipsync.web`)."""
 
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"  # the images set 0.0.0.0
     port: int = 8080
     compositing_address: str = "localhost:50052"
+    compositing_tls: ClientTLSConfig = field(default_factory=ClientTLSConfig)
+    # Origins (scheme://host[:port]) whose pages may open the WebSocket besides the
+    # page's own origin; "*": any.
+    allowed_origins: list[str] = field(default_factory=list)
+    max_sessions: int = 64  # concurrent WebSocket sessions; more are refused (503)
+
+
+@dataclass
+class TracingConfig:
+    """OpenTelemetry traces (the `tracing` extra; docs/OPERATIONS.md)."""
+
+    enabled: bool = False
+    otlp_endpoint: str = ""  # OTLP/gRPC collector, e.g. http://otel-collector:4317
+    sample_ratio: float = 1.0  # of traces started here (callers' sampling is kept)
 
 
 @dataclass
 class Config:
     avatars_dir: str = "avatars"
     log_level: str = "INFO"
+    log_format: str = "text"  # text | json (one object per line)
+    access_log: str = "info"  # one line per RPC at: info | debug | off
+    # on SIGTERM: NOT_SERVING at once, in-flight calls and streams get this long to finish
+    shutdown_grace_s: float = 10.0
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     compositing: CompositingConfig = field(default_factory=CompositingConfig)
     web: WebConfig = field(default_factory=WebConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
 
     @property
     def avatars_path(self) -> Path:
@@ -207,6 +335,40 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+ENV_PREFIX = "LIPSYNC_"
+# Not a field: the file to read (see load_config).
+_ENV_NOT_FIELDS = frozenset({"LIPSYNC_CONFIG"})
+
+
+def _field_path(key: str) -> list[str] | None:
+    """The field a `LIPSYNC_<SECTION>__<KEY>[__...]` variable names, or None when it names
+    none (an unknown name, a section rather than a field, or not such a variable)."""
+    if not key.startswith(ENV_PREFIX) or key in _ENV_NOT_FIELDS:
+        return None
+    path = [p.lower() for p in key[len(ENV_PREFIX) :].split("__")]
+    cls: Any = Config
+    for i, name in enumerate(path):
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if name not in fields:
+            return None
+        tp = typing.get_type_hints(cls)[name]
+        if dataclasses.is_dataclass(tp):
+            cls = tp
+            continue
+        return path if i == len(path) - 1 else None
+    return None  # the path ends at a section
+
+
+def ignored_env_vars(env: typing.Mapping[str, str]) -> list[str]:
+    """The `LIPSYNC_*` variables of `env` that name no config field (sorted), such as the
+    service-link variables Kubernetes injects (`LIPSYNC_INFERENCE_SERVICE_HOST`, ...)."""
+    return sorted(
+        k
+        for k in env
+        if k.startswith(ENV_PREFIX) and k not in _ENV_NOT_FIELDS and _field_path(k) is None
+    )
+
+
 def _env_overrides(env: typing.Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
 
@@ -223,8 +385,9 @@ def _env_overrides(env: typing.Mapping[str, str]) -> dict[str, Any]:
     if env.get("COMPOSITING_ADDRESS"):
         put(["web", "compositing_address"], env["COMPOSITING_ADDRESS"])
     for key, raw in env.items():
-        if key.startswith("LIPSYNC_") and key != "LIPSYNC_CONFIG":
-            put([p.lower() for p in key[len("LIPSYNC_") :].split("__")], raw)
+        path = _field_path(key)
+        if path is not None:
+            put(path, raw)
     # Values such as "cuda,cpu" parse as strings; _coerce splits them for lists.
     return out
 
@@ -240,6 +403,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("limits.max_batch_size must be at least 1")
     if min(cfg.inference.batching.max_batch, cfg.inference.batching.cpu_max_batch) < 1:
         raise ConfigError("inference.batching.max_batch and cpu_max_batch must be at least 1")
+    if cfg.log_format not in ("text", "json"):
+        raise ConfigError("log_format must be 'text' or 'json'")
+    if cfg.access_log not in ("info", "debug", "off"):
+        raise ConfigError("access_log must be 'info', 'debug' or 'off'")
     return cfg
 
 
@@ -260,6 +427,11 @@ def load_config(
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
         data = loaded
+    for key in ignored_env_vars(env):
+        if "__" in key:  # the config's separator: probably a mistyped field
+            log.warning("environment variable %s names no config field; ignored", key)
+        else:  # e.g. a Kubernetes service link (LIPSYNC_INFERENCE_SERVICE_HOST, ...)
+            log.debug("environment variable %s names no config field; ignored", key)
     return from_dict(_merge(data, _env_overrides(env)))
 
 

@@ -23,14 +23,13 @@ from typing import Any
 
 import numpy as np
 
+from lipsync.avatar_package import AUDIO_ENCODER_FILE, UNET_FILE
 from lipsync.nets import onnx_builder as ob
 
 log = logging.getLogger(__name__)
 
 TOLERANCE = 1e-4
 VERIFY_BATCH = 2
-UNET_FILE = "unet.onnx"
-AUDIO_ENCODER_FILE = "audio_encoder.onnx"
 AUDIO_ENCODER_PREFIX = "audio_encoder."
 _WRAPPER_KEYS = ("state_dict", "model")
 

@@ -17,7 +17,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -25,39 +24,18 @@ from pathlib import Path
 from types import FrameType
 
 from lipsync.avatar_package import MANIFEST_NAME, AvatarCatalog
-from lipsync.cli.render import UsageError, check_model, output_kind, render_to
 from lipsync.client import LipsyncClient, LipsyncError, load_audio
 from lipsync.config import ConfigError, load_config
-from lipsync.launch import ServiceProcesses, free_port
+from lipsync.launch import ServiceProcesses
 from lipsync.media import MediaError
+from lipsync.ports import pick_ports
+from lipsync.render import UsageError, check_model, output_kind, render_to
 
 PROG = "lipsync.demo"
 EXIT_ERROR = 2
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_AUDIO = REPO / "assets" / "speech" / "demo.wav"
 DEFAULT_OUT = Path("out") / "demo.mp4"
-
-
-def port_free(port: int, host: str = "") -> bool:
-    """Whether a TCP server could bind `port` now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def pick_ports(inference_port: int, compositing_port: int) -> tuple[int, int]:
-    """The configured ports, or free ones in place of those already taken."""
-    inf = inference_port if port_free(inference_port) else free_port()
-    comp = compositing_port
-    if comp == inf or not port_free(comp):
-        comp = free_port()
-        while comp == inf:
-            comp = free_port()
-    return inf, comp
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -12,7 +12,6 @@ import argparse
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,38 +20,12 @@ import urllib.request
 from collections.abc import Mapping
 from types import TracebackType
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from lipsync.config import load_config
+from lipsync.replicas import inference_address, replica_env, replica_ports
+from lipsync.rpc.channel import wait_healthy
+from lipsync.rpc.tls import channel_credentials_of
 
 log = logging.getLogger("lipsync.launch")
-
-
-def wait_healthy(address: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
-    """Block until the gRPC health service at `address` says SERVING."""
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            if proc is not None and proc.poll() is not None:
-                raise RuntimeError(f"service for {address} exited with code {proc.returncode}")
-            try:
-                resp = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
-                if resp.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{address} not healthy after {timeout_s:.0f} s")
-            time.sleep(0.1)
-
-
-def free_port() -> int:
-    """A TCP port free now (the OS's pick)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
@@ -83,13 +56,25 @@ class ServiceProcesses:
         compositing_port: int | None = None,
         quiet: bool = False,
         web_port: int | None = None,
+        inference_replicas: int = 1,
     ):
-        """`web_port`: also serve the browser page and its WebSocket gateway there."""
+        """`web_port`: also serve the browser page and its WebSocket gateway there.
+        `inference_replicas`: that many inference services, one per GPU, on consecutive
+        ports (lipsync/replicas.py); the compositing service routes over them."""
         self.env = dict(os.environ if env is None else env)
         cfg = load_config(config, self.env)
         self.inference_port = inference_port or cfg.inference.port
         self.compositing_port = compositing_port or cfg.compositing.port
-        self.env["INFERENCE_ADDRESS"] = f"localhost:{self.inference_port}"
+        self.inference_ports = replica_ports(cfg, inference_replicas, self.inference_port)
+        self.replica_envs = [
+            replica_env(self.env, cfg, i, len(self.inference_ports))
+            for i in range(len(self.inference_ports))
+        ]
+        self.env["INFERENCE_ADDRESS"] = inference_address(self.inference_ports)
+        # With TLS configured, the health checks connect as the compositing service and
+        # the gateway do (docs/SECURITY.md).
+        self.inference_tls = channel_credentials_of(cfg.compositing.inference_tls)
+        self.compositing_tls = channel_credentials_of(cfg.web.compositing_tls)
         self.config = config
         self.quiet = quiet
         self.web_port = web_port
@@ -99,21 +84,27 @@ class ServiceProcesses:
     def address(self) -> str:
         return f"localhost:{self.compositing_port}"
 
-    def _spawn(self, module: str, port: int, *extra: str) -> subprocess.Popen:
+    def _spawn(
+        self, module: str, port: int, *extra: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen:
         cmd = [sys.executable, "-m", module, "--port", str(port), *extra]
         if self.config:
             cmd += ["--config", self.config]
         out = subprocess.DEVNULL if self.quiet else None
-        proc = subprocess.Popen(cmd, env=self.env, stdout=out, stderr=out)
+        proc = subprocess.Popen(cmd, env=env or self.env, stdout=out, stderr=out)
         self.procs.append(proc)
         return proc
 
     def start(self, timeout_s: float = 120.0) -> ServiceProcesses:
-        inf = self._spawn("inference_service", self.inference_port)
+        infs = [
+            self._spawn("inference_service", p, env=e)
+            for p, e in zip(self.inference_ports, self.replica_envs, strict=True)
+        ]
         comp = self._spawn("compositing_service", self.compositing_port)
         try:
-            wait_healthy(f"localhost:{self.inference_port}", timeout_s, inf)
-            wait_healthy(self.address, timeout_s, comp)
+            for p, inf in zip(self.inference_ports, infs, strict=True):
+                wait_healthy(f"localhost:{p}", timeout_s, inf, self.inference_tls)
+            wait_healthy(self.address, timeout_s, comp, self.compositing_tls)
             if self.web_port:
                 web = self._spawn("lipsync.web", self.web_port, "--server", self.address)
                 wait_http(f"http://localhost:{self.web_port}/healthz", timeout_s, web)
@@ -147,6 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="lipsync.launch", description=__doc__)
     ap.add_argument("--config", help="YAML config file (default: $LIPSYNC_CONFIG)")
     ap.add_argument("--no-web", action="store_true", help="do not serve the browser page")
+    ap.add_argument(
+        "--inference-replicas",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N inference services, one per GPU (device_id + i, port + i), "
+        "routed by avatar (docs/SCALING.md)",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     stop = threading.Event()
@@ -157,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, handle)
     signal.signal(signal.SIGTERM, handle)
     web_port = None if args.no_web else load_config(args.config).web.port
-    services = ServiceProcesses(args.config, web_port=web_port)
+    services = ServiceProcesses(
+        args.config, web_port=web_port, inference_replicas=args.inference_replicas
+    )
     t0 = time.perf_counter()
     try:
         services.start()

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from lipsync.core.audio import to_int16
+
 __all__ = ["MediaError", "ffmpeg_exe", "probe", "write_jpeg_folder", "write_mp4"]
 
 AUDIO_RATE = 16000
@@ -50,9 +52,7 @@ def _write_wav16(path: Path, audio16k: np.ndarray, n_samples: int) -> None:
     """`audio16k` as 16-bit PCM wav, cut or zero-padded to exactly `n_samples`."""
     import soundfile as sf
 
-    x = np.asarray(audio16k).reshape(-1)
-    if x.dtype != np.int16:
-        x = np.clip(np.rint(x.astype(np.float64) * 32768.0), -32768, 32767).astype(np.int16)
+    x = to_int16(audio16k)
     fitted = np.zeros(n_samples, dtype=np.int16)
     m = min(n_samples, x.size)
     fitted[:m] = x[:m]

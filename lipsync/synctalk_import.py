@@ -17,7 +17,6 @@ sees half a package.
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import re
@@ -27,28 +26,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from lipsync.avatar_package import (
-    MANIFEST_NAME,
+    AUDIO_ENCODER_FILE,
+    FRAMES_DIR,
+    UNET_FILE,
     UnknownModelError,
     check_model_id,
     list_frame_files,
     load_crop_rects,
     load_manifest,
+    write_crop_rects,
+    write_manifest,
 )
-from lipsync.convert import (
-    AUDIO_ENCODER_FILE,
-    UNET_FILE,
-    ConvertReport,
-    convert_checkpoints,
-)
+from lipsync.convert import ConvertReport, convert_checkpoints
 
 log = logging.getLogger(__name__)
 
 FPS = 25
-FRAMES_DIR = "frames"
-CROP_RECTS_FILE = "crop_rects.json"
 # Landmark rows the crop rule reads: x of point 1, y of point 52, x of point 31.
 MIN_LANDMARK_ROWS = 53
 _INDEX = re.compile(r"0|[1-9][0-9]*")
@@ -267,19 +262,6 @@ def _place_frames(frames: list[Path], dest: Path, link: bool) -> int:
     return linked
 
 
-def _write_manifest(folder: Path, name: str, with_encoder: bool) -> None:
-    manifest: dict[str, object] = {"name": name, "fps": FPS, "unet": UNET_FILE}
-    if with_encoder:
-        manifest["audio_encoder"] = AUDIO_ENCODER_FILE
-    manifest["frames"] = FRAMES_DIR
-    manifest["crop_rects"] = CROP_RECTS_FILE
-    text = "# Imported from a SyncTalk_2D avatar by `lipsync-avatar import-synctalk`.\n"
-    text += yaml.safe_dump(manifest, sort_keys=False)
-    tmp = folder / f".{MANIFEST_NAME}.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, folder / MANIFEST_NAME)
-
-
 def _is_nonempty_dir(path: Path) -> bool:
     return path.is_dir() and any(path.iterdir())
 
@@ -317,7 +299,7 @@ def import_synctalk_detailed(
     try:
         report = convert_checkpoints(unet_ckpt, audio_encoder_ckpt, work, verify=verify)
         linked = _place_frames(data.frames, work / FRAMES_DIR, link_frames)
-        (work / CROP_RECTS_FILE).write_text(json.dumps(data.rects.tolist()) + "\n")
+        write_crop_rects(work, data.rects)
         if final.exists():
             if _is_nonempty_dir(final) and not overwrite:  # appeared meanwhile
                 raise DatasetError(f"{final} already exists and is not empty")
@@ -325,7 +307,13 @@ def import_synctalk_detailed(
             os.replace(final, old / name)
         os.replace(work, final)
         placed = True
-        _write_manifest(final, name, report.audio_encoder_path is not None)
+        write_manifest(
+            final,
+            name,
+            fps=FPS,
+            with_audio_encoder=report.audio_encoder_path is not None,
+            header="Imported from a SyncTalk_2D avatar by `lipsync-avatar import-synctalk`.",
+        )
     except BaseException:
         shutil.rmtree(final if placed else work, ignore_errors=True)
         if old is not None and (old / name).exists() and not final.exists():

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import cv2
 import numpy as np
-import yaml
 
+from lipsync.avatar_package import (
+    AUDIO_ENCODER_FILE,
+    UNET_FILE,
+    write_crop_rects,
+    write_frames,
+    write_manifest,
+)
 from lipsync.signals import speech_like
 from tests.onnx_models import build_test_encoder, build_test_unet
 
@@ -52,22 +57,11 @@ def make_avatar(
     Frames are PNG by default so tests compare against exactly the pixels served.
     """
     folder = root / name
-    (folder / "frames").mkdir(parents=True)
-    frames = make_frames(n_frames, width, height, seed)
-    for i, f in enumerate(frames):
-        cv2.imwrite(str(folder / "frames" / frame_name.format(i=i)), f)
-    rects = make_rects(n_frames, width, height, seed)
-    (folder / "crop_rects.json").write_text(json.dumps(rects))
-    build_test_unet(folder / "unet.onnx", seed)
-    manifest = {
-        "name": name,
-        "fps": 25,
-        "unet": "unet.onnx",
-        "frames": "frames",
-        "crop_rects": "crop_rects.json",
-    }
+    folder.mkdir(parents=True)
+    write_frames(folder, make_frames(n_frames, width, height, seed), frame_name)
+    write_crop_rects(folder, make_rects(n_frames, width, height, seed))
+    build_test_unet(folder / UNET_FILE, seed)
     if own_encoder:
-        build_test_encoder(folder / "audio_encoder.onnx", seed + 1)
-        manifest["audio_encoder"] = "audio_encoder.onnx"
-    (folder / "avatar.yaml").write_text(yaml.safe_dump(manifest))
+        build_test_encoder(folder / AUDIO_ENCODER_FILE, seed + 1)
+    write_manifest(folder, name, with_audio_encoder=own_encoder)
     return folder

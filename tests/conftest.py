@@ -47,6 +47,7 @@ def service_config(avatars_root: Path, shared_encoder: Path) -> Config:
     cfg.compositing.workers = 2
     cfg.limits.max_batch_size = 32
     cfg.limits.max_audio_seconds = 30.0
+    cfg.inference.metrics_port = cfg.compositing.metrics_port = 0  # tests/test_operations.py
     return cfg
 
 
@@ -66,8 +67,8 @@ class Services:
 
 
 def start_services(cfg: Config) -> Services:
-    from compositing_service.server import start as start_compositing
-    from inference_service.server import start as start_inference
+    from compositing_service.servicer import start as start_compositing
+    from inference_service.servicer import start as start_inference
 
     inf = start_inference(cfg, port=0)
     cfg.compositing.inference_address = f"127.0.0.1:{inf.port}"

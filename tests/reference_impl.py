@@ -1,5 +1,5 @@
 """Independent oracle: the SyncTalk_2D "ave" reference inference semantics, written as
-literally as ``shared/reference/SYNCTALK2D.md`` reads (librosa, scipy, OpenCV, plain loops).
+literally as docs/SEMANTICS.md states it (librosa, scipy, OpenCV, plain loops).
 
 Deliberately imports nothing from ``inference_service`` or ``compositing_service``: tests
 compare the services against these functions. Slow but obvious; for tests only.
@@ -14,7 +14,7 @@ import librosa
 import numpy as np
 import scipy.signal
 
-# ---------------------------------------------------------------- audio (section 1)
+# ------------------------------------------------ audio ("Audio", "Mel spectrogram")
 
 
 def ref_load(path: str) -> np.ndarray:
@@ -47,7 +47,7 @@ def ref_mel(wav16k: np.ndarray) -> np.ndarray:
     return s.T
 
 
-# ------------------------------------------------------- windows, features (section 2)
+# -------------------------------------- windows, features ("Windows", "Audio blocks")
 
 
 def ref_frame_count(mel_frames: int) -> int:
@@ -104,7 +104,7 @@ def ref_audio_blocks(mel: np.ndarray, encoder_fn: Callable[[np.ndarray], np.ndar
     return np.stack([ref_block_for_frame(feats, i) for i in range(n + 2)])
 
 
-# --------------------------------------------------------------- visual (sections 3, 5)
+# --------------------------------------------------------------- visual ("Face crop", "Paste-back")
 
 
 def ref_visual_input(img: np.ndarray, rect) -> tuple[np.ndarray, np.ndarray]:
@@ -137,7 +137,7 @@ def ref_paste(img: np.ndarray, rect, crop328: np.ndarray, pred: np.ndarray) -> n
     return img
 
 
-# --------------------------------------------------------------------- frames (section 6)
+# --------------------------------------------------------------------- frames ("Background frames")
 
 
 def ref_pingpong(t: int, n: int) -> int:

@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 import soxr
 
-from inference_service.audio import (
+from lipsync.core.audio import (
     HOP,
     MEL_FPS,
     MIN_SAMPLES,
@@ -19,12 +19,14 @@ from inference_service.audio import (
     VIDEO_FPS,
     WINDOW,
     AudioError,
-    clip_frame_count,
     decode_pcm,
+)
+from lipsync.core.mel import melspectrogram
+from lipsync.core.windows import (
+    clip_frame_count,
     feature_blocks,
     mel_window_starts,
     mel_windows,
-    melspectrogram,
     video_frame_count,
 )
 from tests.reference_impl import (
@@ -442,7 +444,8 @@ def test_audio_error_is_value_error() -> None:
 
 
 def test_mel_windows_range_equals_slice_of_all():
-    from inference_service.audio import mel_windows, melspectrogram
+    from lipsync.core.mel import melspectrogram
+    from lipsync.core.windows import mel_windows
 
     mel = melspectrogram(np.random.default_rng(0).standard_normal(40000).astype(np.float32) * 0.1)
     full = mel_windows(mel)

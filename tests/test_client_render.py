@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from inference_service.audio import clip_frame_count
 from lipsync.cli import render as render_cli
 from lipsync.client import LipsyncClient, LipsyncError, clip_frames, load_audio, to_pcm16
-from lipsync.launch import free_port
+from lipsync.core.windows import clip_frame_count
 from lipsync.media import MediaError, probe, write_jpeg_folder, write_mp4
+from lipsync.ports import free_port
 from tests import reference_impl as ref
 from tests.avatar_factory import speech_like
 from tests.oracle import decode_jpeg
@@ -345,7 +345,7 @@ def test_cli_expected_errors(services, clip_wav, tmp_path, capsys, case, needle)
 
 # -- demo -----------------------------------------------------------------------------------
 def test_demo_pick_ports_avoids_busy_ones():
-    from lipsync.demo import pick_ports, port_free
+    from lipsync.ports import pick_ports, port_free
 
     with socket.socket() as busy:
         busy.bind(("", 0))

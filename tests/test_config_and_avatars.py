@@ -17,7 +17,7 @@ from lipsync.avatar_package import (
     load_crop_rects,
     load_manifest,
 )
-from lipsync.config import ConfigError, load_config, to_dict
+from lipsync.config import ConfigError, ignored_env_vars, load_config, to_dict
 from tests.avatar_factory import make_avatar
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,7 +53,6 @@ def test_yaml_then_environment(tmp_path):
     "env",
     [
         {"LIPSYNC_COMPOSITING__JPEG_QUALITY": "200"},
-        {"LIPSYNC_COMPOSITING__JPEG_QUALITYY": "80"},
         {"LIPSYNC_INFERENCE__PORT": "many"},
         {"LIPSYNC_INFERENCE__REGISTRY__EVICTION": "random"},
     ],
@@ -61,6 +60,61 @@ def test_yaml_then_environment(tmp_path):
 def test_bad_config_is_refused(env):
     with pytest.raises(ConfigError):
         load_config(env=env)
+
+
+# What Kubernetes injects into every pod of a namespace with a Service named
+# `lipsync-inference` (port 50051, named grpc) unless the pod sets enableServiceLinks: false.
+SERVICE_LINKS = {
+    "LIPSYNC_INFERENCE_SERVICE_HOST": "10.96.0.12",
+    "LIPSYNC_INFERENCE_SERVICE_PORT": "50051",
+    "LIPSYNC_INFERENCE_SERVICE_PORT_GRPC": "50051",
+    "LIPSYNC_INFERENCE_PORT": "tcp://10.96.0.12:50051",
+    "LIPSYNC_INFERENCE_PORT_50051_TCP": "tcp://10.96.0.12:50051",
+    "LIPSYNC_INFERENCE_PORT_50051_TCP_PROTO": "tcp",
+    "LIPSYNC_INFERENCE_PORT_50051_TCP_PORT": "50051",
+    "LIPSYNC_INFERENCE_PORT_50051_TCP_ADDR": "10.96.0.12",
+    "LIPSYNC_WEB_PORT": "tcp://10.96.0.14:8080",
+}
+
+
+def test_kubernetes_service_links_are_ignored_not_refused(caplog):
+    env = {**SERVICE_LINKS, "LIPSYNC_COMPOSITING__JPEG_QUALITY": "85", "LIPSYNC_LOG_LEVEL": "DEBUG"}
+    with caplog.at_level("DEBUG", logger="lipsync.config"):
+        cfg = load_config(env=env)
+    assert cfg.compositing.jpeg_quality == 85 and cfg.log_level == "DEBUG"
+    assert cfg.inference.port == 50051 and cfg.web.port == 8080  # untouched
+    assert ignored_env_vars(env) == sorted(SERVICE_LINKS)
+    ignored = [r for r in caplog.records if "names no config field" in r.getMessage()]
+    assert len(ignored) == len(SERVICE_LINKS)
+    assert all(r.levelname == "DEBUG" for r in ignored)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "LIPSYNC_COMPOSITING__JPEG_QUALITYY",  # a typo
+        "LIPSYNC_COMPOSITING__FRAME_CACHE",  # a section, not a field
+        "LIPSYNC_INFERENCE__PORT__X",  # below a field
+        "LIPSYNC_NOSUCH__PORT",
+    ],
+)
+def test_env_vars_naming_no_field_are_ignored_with_a_warning(key, caplog):
+    with caplog.at_level("DEBUG", logger="lipsync.config"):
+        cfg = load_config(env={key: "80"})
+    assert to_dict(cfg) == to_dict(load_config(env={}))
+    assert ignored_env_vars({key: "80", "LIPSYNC_CONFIG": "x.yaml"}) == [key]
+    (rec,) = [r for r in caplog.records if key in r.getMessage()]
+    assert rec.levelname == "WARNING"
+
+
+def test_unknown_key_in_yaml_is_still_an_error(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump({"compositing": {"jpeg_qualityy": 80}}))
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(f, env=SERVICE_LINKS)
+    f.write_text(yaml.safe_dump({"inference_service_host": "x"}))
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(f, env={})
 
 
 @pytest.mark.parametrize(
@@ -116,7 +170,7 @@ def test_catalog_skips_broken_folders_and_finds_new_ones(tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "avatar.yaml").write_text("name: broken\nunet: missing.onnx\n")
-    cat = AvatarCatalog(tmp_path)
+    cat = AvatarCatalog(tmp_path, rescan_interval_s=0)  # (rate limit: test_hardening)
     assert cat.names() == ["good"]
     assert "broken" in cat.errors
     with pytest.raises(UnknownModelError):

@@ -82,9 +82,7 @@ def test_torch_state_dicts_equal_the_reference_tables(kind: str) -> None:
     module = torch_nets.ReferenceUNet() if kind == ob.KIND_UNET else torch_nets.AudioEncoder()
     shapes = list(torch_nets.state_dict_shapes(module).items())
     assert shapes == list(ob.expected_state_dict_shapes(kind).items())
-    ref = reference_table(kind)
-    if ref is not None:  # the .tsv itself, num_batches_tracked included
-        assert shapes == ref
+    assert shapes == reference_table(kind)  # the .tsv itself, num_batches_tracked included
 
 
 def test_torch_audio_modules_shapes() -> None:

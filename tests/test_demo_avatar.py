@@ -10,9 +10,9 @@ import cv2
 import numpy as np
 import pytest
 
-from compositing_service.background_cache import pingpong
 from lipsync.avatar_package import load_manifest
 from lipsync.client import LipsyncClient, load_audio
+from lipsync.core.timeline import pingpong
 from tests.conftest import service_config, start_services, stop_services
 from training.demo_avatar.evaluate import lipsync_correlation
 

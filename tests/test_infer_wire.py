@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lipsync.infer_wire import InferReply, parse_reply, serialize_reply
 from lipsync.proto import inference_pb2 as ipb
+from lipsync.rpc.infer_wire import InferReply, parse_reply, serialize_reply
 
 
 def _fields() -> ipb.InferResponse:
@@ -87,8 +87,8 @@ def test_the_inference_service_reply_reads_the_same_with_a_stock_stub(services, 
         InferenceClient,
         to_paste_pixels,
     )
-    from lipsync.infer_wire import infer_callable
     from lipsync.proto import inference_pb2_grpc as ipb_grpc
+    from lipsync.rpc.infer_wire import infer_callable
 
     rng = np.random.default_rng(1)
     request = ipb.InferRequest(
@@ -113,7 +113,7 @@ def test_the_inference_service_reply_reads_the_same_with_a_stock_stub(services, 
     assert fields == stock and fields.batch_size == 3
     client = InferenceClient(services.inference_address, 1 << 28, 60, dtype)
     try:
-        got = client.infer(request)
+        got = client.call(request)
     finally:
         client.close()
     expected = to_paste_pixels(stock_mouths, TRANSFER_TYPES[dtype], 3)

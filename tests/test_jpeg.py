@@ -7,10 +7,10 @@ import cv2
 import numpy as np
 import pytest
 
-from compositing_service.background_cache import AvatarFrames
 from compositing_service.compositor import Compositor
+from compositing_service.frames import AvatarFrames
 from compositing_service.jpeg import EncodedFrame, JpegEncoder, interval_mcus
-from lipsync.visual import face_crop, paste_back
+from lipsync.core.visual import face_crop, paste_back
 from tests.avatar_factory import make_frames
 
 

@@ -16,25 +16,22 @@ from lipsync.nets import onnx_builder as ob
 ort = pytest.importorskip("onnxruntime")
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE_DIRS = (Path("/work/shared/reference"), REPO.parent / "shared" / "reference")
+# The reference checkpoints' key tables (docs/SEMANTICS.md, "Checkpoint layout").
+REFERENCE_DIR = REPO / "docs" / "reference"
 TSV = {
     ob.KIND_UNET: "unet328_ave_state_dict.tsv",
     ob.KIND_AUDIO_ENCODER: "audio_encoder_state_dict.tsv",
 }
 
 
-def reference_table(kind: str) -> list[tuple[str, tuple[int, ...]]] | None:
-    """The reference key table (key, shape) in file order, or None when not available."""
-    for d in REFERENCE_DIRS:
-        path = d / TSV[kind]
-        if path.is_file():
-            rows = []
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    key, shape = line.split("\t")
-                    rows.append((key, tuple(ast.literal_eval(shape.strip()))))
-            return rows
-    return None
+def reference_table(kind: str) -> list[tuple[str, tuple[int, ...]]]:
+    """The reference key table (key, shape) in file order."""
+    rows = []
+    for line in (REFERENCE_DIR / TSV[kind]).read_text().splitlines():
+        if line.strip():
+            key, shape = line.split("\t")
+            rows.append((key, tuple(ast.literal_eval(shape.strip()))))
+    return rows
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
@@ -49,13 +46,11 @@ def _session(model: onnx.ModelProto) -> ort.InferenceSession:
 @pytest.mark.parametrize("kind", ob.KINDS)
 def test_key_table_equals_reference_tsv(kind: str) -> None:
     ref = reference_table(kind)
-    if ref is None:
-        pytest.skip("reference .tsv tables not available (../shared/reference)")
     assert list(ob.expected_state_dict_shapes(kind).items()) == ref
 
 
 def test_parameter_counts_match_the_spec() -> None:
-    # SYNCTALK2D.md: 12.25 M (UNet) and 2.82 M (audio encoder) parameters, rounded.
+    # docs/SEMANTICS.md: 12.25 M (UNet) and 2.82 M (audio encoder) parameters, rounded.
     assert ob.parameter_count(ob.KIND_UNET) == pytest.approx(12.25e6, rel=0.01)
     assert ob.parameter_count(ob.KIND_AUDIO_ENCODER) == pytest.approx(2.82e6, rel=0.01)
 

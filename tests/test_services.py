@@ -255,7 +255,7 @@ def test_standard_grpc_health_on_both_ports(services):
 
 
 def test_inference_down_is_a_clean_error(avatars_root, shared_encoder, clip):
-    from compositing_service.server import start
+    from compositing_service.servicer import start
     from tests.conftest import service_config
 
     cfg = service_config(avatars_root, shared_encoder)
@@ -268,7 +268,7 @@ def test_inference_down_is_a_clean_error(avatars_root, shared_encoder, clip):
             resp = stub.InferBatchComposite(
                 cpb.CompositeBatchRequest(model_id="alice", raw_audio=clip.tobytes(), batch_size=2)
             )
-            assert not resp.success and "unavailable" in resp.error
+            assert not resp.success and "cannot reach the inference service" in resp.error
             h = stub.Health(cpb.HealthRequest())
             assert h.healthy and not h.inference_server_healthy
     finally:
@@ -295,7 +295,7 @@ def test_large_batches_are_computed_in_pipelined_chunks(
     services, avatars_root, shared_encoder, clip
 ):
     """With 3-frame chunks, every kind of input is cut into chunks and reassembled."""
-    from compositing_service.server import start
+    from compositing_service.servicer import start
     from tests.conftest import service_config
 
     cfg = service_config(avatars_root, shared_encoder)

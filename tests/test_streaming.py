@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 import pytest
 
-from inference_service import audio
+from lipsync.core import audio, windows
 from lipsync.proto import compositing_pb2 as cpb
 from lipsync.proto import compositing_pb2_grpc as cpb_grpc
 from tests.avatar_factory import speech_like
@@ -26,7 +26,7 @@ def stub(services):
 
 
 def offline_frames(stub, clip: np.ndarray, start: int) -> list[bytes]:
-    n = audio.clip_frame_count(1 + len(clip) // audio.HOP)
+    n = windows.clip_frame_count(1 + len(clip) // audio.HOP)
     out: list[bytes] = []
     for k in range(0, n, 32):  # the test services allow 32 frames a request
         resp = stub.InferBatchComposite(
@@ -86,7 +86,7 @@ def test_streamed_frames_equal_offline_frames_whatever_the_chunks(stub, seed):
 def test_two_clips_continue_the_timeline(stub):
     a, b = speech_like(1.3, seed=31), speech_like(1.7, seed=32)
     frames = offline_stream(stub, [a, b], start=0, seed=5)
-    n_a = audio.clip_frame_count(1 + len(a) // audio.HOP)
+    n_a = windows.clip_frame_count(1 + len(a) // audio.HOP)
     first, second = frames[:n_a], frames[n_a:]
     assert {f.clip for f in first} == {0} and {f.clip for f in second} == {1}
     assert_same_frames([f.jpeg for f in first], offline_frames(stub, a, start=0))
@@ -110,7 +110,7 @@ def test_int16_and_resampled_input_and_speech_flags(stub):
         yield cpb.StreamRequest(end_of_audio=True)
 
     frames = list(stub.StreamComposite(requests()))
-    assert len(frames) == audio.clip_frame_count(1 + (2 * 16000) // audio.HOP)
+    assert len(frames) == windows.clip_frame_count(1 + (2 * 16000) // audio.HOP)
     flags = [f.speech for f in frames]
     assert all(flags[2:20]) and not any(flags[35:])  # sound for the first second only
     assert all(len(f.audio) == 1280 for f in frames)
@@ -122,7 +122,7 @@ def test_short_clip_is_padded(stub):
         yield cpb.StreamRequest(audio=speech_like(0.05).tobytes())
 
     frames = list(stub.StreamComposite(requests()))  # half-close ends the clip
-    assert len(frames) == audio.clip_frame_count(1 + audio.MIN_SAMPLES // audio.HOP)
+    assert len(frames) == windows.clip_frame_count(1 + audio.MIN_SAMPLES // audio.HOP)
 
 
 @pytest.mark.parametrize(
@@ -216,7 +216,7 @@ def test_realtime_session_speech_silence_speech_interrupt(stub):
     assert clips == {0, 1}  # the pause ended the first clip; the second speech is a new one
     gen0 = [f for f in received if f.generated and f.clip == 0]
     gen1 = [f for f in received if f.generated and f.clip == 1]
-    assert len(gen0) == audio.clip_frame_count(1 + len(speech) // audio.HOP)
+    assert len(gen0) == windows.clip_frame_count(1 + len(speech) // audio.HOP)
     assert [f.clip_frame for f in gen0] == list(range(len(gen0)))
     assert any(f.speech for f in gen0) and gen1
     # between the two clips the avatar idled

@@ -7,9 +7,8 @@ import cv2
 import numpy as np
 import pytest
 
-from lipsync.visual import (
-    CROP,
-    INNER,
+from lipsync.core.tensors import CROP, INNER
+from lipsync.core.visual import (
     INNER_OFFSET,
     MASK_X0,
     MASK_X1,

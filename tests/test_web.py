@@ -24,7 +24,7 @@ import soundfile as sf
 from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient, TestServer
 
-from inference_service import audio
+from lipsync.core import audio, windows
 from lipsync.web.gateway import create_app, parse_args, unpack_frame
 from tests.avatar_factory import speech_like
 from tests.oracle import decode_jpeg
@@ -131,22 +131,23 @@ def test_api_models_when_the_service_is_down():
             return resp.status, await resp.json()
 
     status, obj = run(body())
-    assert status == 502 and "UNAVAILABLE" in obj["error"]
+    assert status == 502 and "cannot reach the compositing service" in obj["error"]
 
 
 def test_cli_defaults_come_from_the_environment():
     args = parse_args([], env={})
-    assert (args.port, args.server, args.host) == (8080, "localhost:50052", "0.0.0.0")
+    # localhost unless told otherwise (docs/SECURITY.md; the images set 0.0.0.0)
+    assert (args.port, args.server, args.host) == (8080, "localhost:50052", "127.0.0.1")
     args = parse_args([], env={"LIPSYNC_WEB__PORT": "9000", "COMPOSITING_ADDRESS": "comp:1234"})
     assert (args.port, args.server) == (9000, "comp:1234")
-    args = parse_args(["--port", "81", "--server", "x:1", "--host", "127.0.0.1"], env={})
-    assert (args.port, args.server, args.host) == (81, "x:1", "127.0.0.1")
+    args = parse_args(["--port", "81", "--server", "x:1", "--host", "0.0.0.0"], env={})
+    assert (args.port, args.server, args.host) == (81, "x:1", "0.0.0.0")
 
 
 # -- WebSocket sessions ----------------------------------------------------------------------
 def test_websocket_session_streams_frames_with_their_audio(services):
     clip = speech_like(1.6, seed=7)
-    n_clip = audio.clip_frame_count(1 + len(clip) // audio.HOP)
+    n_clip = windows.clip_frame_count(1 + len(clip) // audio.HOP)
 
     async def body(client):
         s = await open_session(client, model="alice", sample_rate=16000, realtime=True)
@@ -220,7 +221,7 @@ def test_ping_round_trip(services):
 
 def test_interrupt_returns_to_idle_frames(services):
     clip = speech_like(4.0, seed=8)
-    n_clip = audio.clip_frame_count(1 + len(clip) // audio.HOP)
+    n_clip = windows.clip_frame_count(1 + len(clip) // audio.HOP)
 
     async def body(client):
         s = await open_session(client, model="alice", sample_rate=16000)
@@ -472,7 +473,7 @@ def test_page_in_headless_chromium_with_a_fake_microphone(services, tmp_path):
     assert shot.stat().st_size > 10_000
     # "Play a file": a new session; the clip's frames, then idle frames once it ended
     print(f"file stats: {json.dumps(file_stats)}")
-    n_clip = audio.clip_frame_count(1 + 32000 // audio.HOP)
+    n_clip = windows.clip_frame_count(1 + 32000 // audio.HOP)
     assert abs(file_stats["generated"] - n_clip) <= 2, file_stats
     assert file_stats["idleAfter"] > 0 and file_stats["source"] is None
     assert file_stats["error"] is None and math.isfinite(file_stats["e2eMs"])

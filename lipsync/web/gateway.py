@@ -8,6 +8,7 @@ Routes
                      `[{"model_id", "loaded", "frames_cached", "frame_count",
                      "frame_width", "frame_height", "fps"}, ...]`
 - `GET /healthz`     `{"ok": true}` (the gateway process is up; says nothing of the services)
+- `GET /metrics`     Prometheus metrics of the gateway (lipsync/web/metrics.py)
 - `GET /ws`          WebSocket, one streaming session per socket (protocol below)
 
 WebSocket protocol
@@ -18,8 +19,11 @@ Page -> gateway:
    "realtime": true, "start_frame_idx": 0}`. `sample_rate` is the rate of the audio the
    page sends (its AudioContext rate; 0 means 16000); `realtime` (default true) paces the
    frames at the avatar's fps with idle frames between speech; `start_frame_idx` is
-   optional. The gateway opens StreamComposite with `return_audio=true` and answers
-   `{"type": "started", "model": ...}`.
+   optional; `"api_key": "<key>"` when the compositing service requires keys (sent to it
+   as `authorization: Bearer`, never logged). The gateway opens StreamComposite with
+   `return_audio=true` and answers `{"type": "started", "model": ...}` once the service
+   accepted the stream (a refused key, an unknown model or a full service end the
+   socket with an error instead).
 2. Binary messages: mono PCM, float32 little-endian, any length (the page sends 20 ms).
 3. Text controls:
    - `{"type": "end_of_audio"}`: the current clip is complete (flush its frames);
@@ -42,11 +46,20 @@ Gateway -> page:
   gateway's wall clock (ms since the epoch) when the frame came from gRPC and when it was
   handed to the socket, so a page on the same machine measures the WebSocket hop as
   `performance.timeOrigin + performance.now() - sent_ms`.
-- text `{"type": "error", "message": "..."}`, then a close (1008 for a bad message from
-  the page, 1011 for an error of the compositing service, e.g. an unknown model);
+- text `{"type": "error", "message": "...", "code": "<gRPC status name, when the
+  compositing service refused>"}`, then a close (1008 for a bad message from the page
+  or a refused key / a key over its limits, 1011 for another error of the compositing
+  service, e.g. an unknown model);
 - text `{"type": "end"}` when the stream ended normally, then a close (1000).
 
 Closing the socket cancels the gRPC stream.
+
+Who may connect (docs/SECURITY.md): the gateway binds 127.0.0.1 unless `web.host` says
+otherwise; `/ws` refuses (403) a browser page from another origin than the gateway's own
+unless `web.allowed_origins` lists it; at most `web.max_sessions` sockets at a time (503
+beyond); one session per socket; a message from the page is at most 4 MiB; the start
+message must come within 30 s. `/api/models` passes an `Authorization: Bearer` header on
+as the key (401 / 403 / 429 for the service's refusals).
 
 Why a WebSocket and not WebRTC: the frames are already JPEG and carry their own audio, so a
 WebSocket forwards them as they are (the gateway adds ~0.02 ms between gRPC and socket);
@@ -77,9 +90,19 @@ import grpc
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from lipsync.config import WebConfig, load_config
-from lipsync.grpc_util import message_options
+from lipsync.logs import setup_logging
 from lipsync.proto import compositing_pb2 as cpb
 from lipsync.proto import compositing_pb2_grpc as cpb_grpc
+from lipsync.rpc.channel import message_options
+from lipsync.rpc.errors import rpc_error_message
+from lipsync.rpc.tls import channel_credentials
+from lipsync.web.metrics import add_metrics
+from lipsync.web.security import (
+    bearer_metadata,
+    header_api_key,
+    origin_allowed,
+    start_api_key,
+)
 
 log = logging.getLogger("lipsync.web")
 
@@ -94,6 +117,14 @@ HEADER_LEN = struct.Struct("<I")
 CHANNEL = web.AppKey("channel", grpc.aio.Channel)
 SOCKETS = web.AppKey("sockets", weakref.WeakSet)
 SERVER = web.AppKey("server", str)
+ORIGINS = web.AppKey("allowed_origins", tuple)
+MAX_SESSIONS = web.AppKey("max_sessions", int)
+# Refusals of the compositing service that are the caller's to fix: close 1008 (policy).
+POLICY_CODES = (
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+)
 
 
 class ProtocolError(ValueError):
@@ -172,18 +203,19 @@ def parse_start(msg: Any) -> cpb.StreamStart:
     )
 
 
-def _rpc_message(exc: grpc.aio.AioRpcError) -> str:
-    code = exc.code()
-    name = code.name if code is not None else "UNKNOWN"
-    return f"{name}: {exc.details() or 'compositing service error'}"
+def _rpc_message(exc: grpc.aio.AioRpcError, server: str) -> str:
+    return rpc_error_message(exc, "compositing service", server)
 
 
 class _Session:
     """One WebSocket bridged to one StreamComposite call."""
 
-    def __init__(self, ws: web.WebSocketResponse, stub: cpb_grpc.CompositingServiceStub):
+    def __init__(
+        self, ws: web.WebSocketResponse, stub: cpb_grpc.CompositingServiceStub, server: str
+    ):
         self.ws = ws
         self.stub = stub
+        self.server = server
         self.lock = asyncio.Lock()
         self.call: Any = None
         self.closing = False
@@ -207,14 +239,19 @@ class _Session:
     async def send_json(self, obj: dict[str, Any]) -> bool:
         return await self.send(json.dumps(obj))
 
-    async def finish(self, code: int, error: str | None = None) -> None:
+    async def finish(
+        self, code: int, error: str | None = None, rpc_code: grpc.StatusCode | None = None
+    ) -> None:
         """Send the error (or the end message) and close the socket, once."""
         if self.closing:
             return
         self.closing = True
         if error is not None:
             log.info("session %s: %s", self.model or "-", error)
-            await self.send_json({"type": "error", "message": error})
+            msg = {"type": "error", "message": error}
+            if rpc_code is not None:
+                msg["code"] = rpc_code.name
+            await self.send_json(msg)
         else:
             await self.send_json({"type": "end"})
         with contextlib.suppress(ConnectionError, RuntimeError):
@@ -234,11 +271,20 @@ class _Session:
             await self.finish(WSCloseCode.POLICY_VIOLATION, str(exc))
             return
         self.model = start.model_id
-        self.call = self.stub.StreamComposite()
+        key = start_api_key(msg.data)
+        if not await self._key_accepted(key):
+            return
+        self.call = self.stub.StreamComposite(metadata=bearer_metadata(key))
         t0 = time.monotonic()
         pump = asyncio.create_task(self._pump_frames())
         try:
             await self.call.write(cpb.StreamRequest(start=start))
+            # "started" only once the service accepted the stream (its headers came):
+            # a refused key, an unknown model or a full service end the call instead,
+            # and the pump reports that.
+            await asyncio.wait_for(self.call.initial_metadata(), START_TIMEOUT_S)
+            if self.call.done() and await self.call.code() != grpc.StatusCode.OK:
+                return
             await self.send_json({"type": "started", "model": start.model_id})
             async for msg in self.ws:
                 if msg.type == WSMsgType.BINARY:
@@ -251,6 +297,10 @@ class _Session:
                     break
         except ProtocolError as exc:
             await self.finish(WSCloseCode.POLICY_VIOLATION, str(exc))
+        except TimeoutError:
+            await self.finish(
+                WSCloseCode.INTERNAL_ERROR, "the compositing service did not accept the stream"
+            )
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
             pass  # the call ended; the pump reports how
         finally:
@@ -300,6 +350,22 @@ class _Session:
         else:
             raise ProtocolError(f"unknown message type {kind!r}")
 
+    async def _key_accepted(self, key: str | None) -> bool:
+        """Check the page's key (or its absence) with one cheap call before the stream
+        opens: a refusal of the stream itself can race with the start message the gateway
+        writes, and gRPC then reports an internal error instead of the refusal."""
+        try:
+            await self.stub.ListModels(
+                cpb.ListModelsRequest(), metadata=bearer_metadata(key), timeout=START_TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in POLICY_CODES:
+                await self.finish(
+                    WSCloseCode.POLICY_VIOLATION, _rpc_message(exc, self.server), exc.code()
+                )
+                return False
+        return True  # other failures: the stream's own attempt reports them
+
     async def _pump_frames(self) -> None:
         """gRPC frames -> WebSocket, then the end or error message and the close."""
         try:
@@ -312,7 +378,12 @@ class _Session:
                     return  # the socket is gone; run() cancels the call
                 self.frames += 1
         except grpc.aio.AioRpcError as exc:
-            await self.finish(WSCloseCode.INTERNAL_ERROR, _rpc_message(exc))
+            close = (
+                WSCloseCode.POLICY_VIOLATION
+                if exc.code() in POLICY_CODES
+                else WSCloseCode.INTERNAL_ERROR
+            )
+            await self.finish(close, _rpc_message(exc, self.server), exc.code())
             return
         except asyncio.CancelledError:
             task = asyncio.current_task()
@@ -320,6 +391,13 @@ class _Session:
                 raise
             return  # run() cancelled the call because the page went away
         await self.finish(WSCloseCode.OK)
+
+
+HTTP_STATUS = {
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+}
 
 
 def _stub(request: web.Request) -> cpb_grpc.CompositingServiceStub:
@@ -335,10 +413,14 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def models(request: web.Request) -> web.Response:
+    key = header_api_key(request.headers.get("Authorization"))
     try:
-        resp = await _stub(request).ListModels(cpb.ListModelsRequest(), timeout=10.0)
+        resp = await _stub(request).ListModels(
+            cpb.ListModelsRequest(), timeout=10.0, metadata=bearer_metadata(key)
+        )
     except grpc.aio.AioRpcError as exc:
-        return web.json_response({"error": _rpc_message(exc)}, status=502)
+        status = HTTP_STATUS.get(exc.code(), 502)
+        return web.json_response({"error": _rpc_message(exc, request.app[SERVER])}, status=status)
     return web.json_response(
         [
             {
@@ -355,25 +437,45 @@ async def models(request: web.Request) -> web.Response:
     )
 
 
-async def websocket(request: web.Request) -> web.WebSocketResponse:
+async def websocket(request: web.Request) -> web.StreamResponse:
+    origin = request.headers.get("Origin")
+    if not origin_allowed(origin, request.host, request.app[ORIGINS]):
+        log.info("refused a WebSocket from origin %r", origin[:200] if origin else origin)
+        return web.json_response({"error": "origin not allowed"}, status=403)
+    if len(request.app[SOCKETS]) >= request.app[MAX_SESSIONS]:
+        return web.json_response({"error": "too many sessions"}, status=503)
     ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=MAX_WS_MESSAGE_BYTES)
     await ws.prepare(request)
     request.app[SOCKETS].add(ws)
     try:
-        await _Session(ws, _stub(request)).run()
+        await _Session(ws, _stub(request), request.app[SERVER]).run()
     finally:
         request.app[SOCKETS].discard(ws)
     return ws
 
 
-def create_app(server: str = DEFAULT_SERVER) -> web.Application:
-    """The gateway for the compositing service at `server` (host:port)."""
-    app = web.Application()
+def create_app(
+    server: str = DEFAULT_SERVER,
+    *,
+    credentials: grpc.ChannelCredentials | None = None,
+    allowed_origins: tuple[str, ...] | list[str] = (),
+    max_sessions: int = WebConfig().max_sessions,
+) -> web.Application:
+    """The gateway for the compositing service at `server` (host:port), over TLS with
+    `credentials`; WebSockets from the page's own origin and `allowed_origins`, at most
+    `max_sessions` at a time."""
+    app = web.Application(client_max_size=1 << 20)  # HTTP request bodies (none are used)
     app[SERVER] = server
     app[SOCKETS] = weakref.WeakSet()
+    app[ORIGINS] = tuple(allowed_origins)
+    app[MAX_SESSIONS] = max_sessions
 
     async def open_channel(app: web.Application) -> None:
-        app[CHANNEL] = grpc.aio.insecure_channel(server, options=message_options(MAX_MESSAGE_BYTES))
+        options = message_options(MAX_MESSAGE_BYTES)
+        if credentials is None:
+            app[CHANNEL] = grpc.aio.insecure_channel(server, options=options)
+        else:
+            app[CHANNEL] = grpc.aio.secure_channel(server, credentials, options=options)
 
     async def close_sockets(app: web.Application) -> None:
         for ws in list(app[SOCKETS]):
@@ -391,6 +493,7 @@ def create_app(server: str = DEFAULT_SERVER) -> web.Application:
     app.router.add_get("/api/models", models)
     app.router.add_get("/ws", websocket)
     app.router.add_static("/static/", STATIC_DIR)
+    add_metrics(app, app[SOCKETS])  # GET /metrics (lipsync/web/metrics.py)
     return app
 
 
@@ -398,7 +501,8 @@ def parse_args(argv: list[str] | None = None, env: Mapping[str, str] | None = No
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", help="YAML config file (default: $LIPSYNC_CONFIG)")
     known, _ = pre.parse_known_args(argv)
-    cfg = load_config(known.config, env=os.environ if env is None else env).web
+    full = load_config(known.config, env=os.environ if env is None else env)
+    cfg = full.web
     ap = argparse.ArgumentParser(
         prog="python -m lipsync.web",
         parents=[pre],
@@ -414,12 +518,36 @@ def parse_args(argv: list[str] | None = None, env: Mapping[str, str] | None = No
     ap.add_argument("--host", default=cfg.host, help="bind address (default %(default)s)")
     ap.add_argument("--certfile", help="serve HTTPS with this certificate (PEM)")
     ap.add_argument("--keyfile", help="private key of --certfile (PEM)")
-    return ap.parse_args(argv)
+    tls = cfg.compositing_tls
+    ap.add_argument(
+        "--ca", default=tls.ca_file, help="TLS to the compositing service: its CA (PEM)"
+    )
+    ap.add_argument("--cert", default=tls.cert_file, help="client certificate (PEM), mutual TLS")
+    ap.add_argument("--key", default=tls.key_file, help="private key (PEM) of --cert")
+    ap.add_argument(
+        "--allowed-origin",
+        dest="allowed_origins",
+        action="append",
+        default=None,
+        help="an origin (scheme://host[:port]) whose pages may open /ws besides the "
+        "page's own; repeatable; '*': any (default: web.allowed_origins)",
+    )
+    ap.add_argument(
+        "--max-sessions",
+        type=int,
+        default=cfg.max_sessions,
+        help="concurrent WebSocket sessions (default %(default)s)",
+    )
+    args = ap.parse_args(argv)
+    if args.allowed_origins is None:
+        args.allowed_origins = list(cfg.allowed_origins)
+    args.log_level, args.log_format = full.log_level, full.log_format  # lipsync.logs
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    setup_logging(args.log_level, args.log_format, "web")
     ssl_ctx = None
     if args.certfile:
         ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -430,7 +558,12 @@ def main(argv: list[str] | None = None) -> int:
         "serving %s://%s:%d/ (compositing service at %s)", scheme, shown, args.port, args.server
     )
     web.run_app(
-        create_app(args.server),
+        create_app(
+            args.server,
+            credentials=channel_credentials(args.ca, args.cert, args.key),
+            allowed_origins=args.allowed_origins,
+            max_sessions=args.max_sessions,
+        ),
         host=args.host,
         port=args.port,
         ssl_context=ssl_ctx,

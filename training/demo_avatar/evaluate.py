@@ -1,14 +1,14 @@
 """Lip-sync check of an avatar on held-out speech, through the serving pipeline.
 
 For each clip: reference mel -> mel windows -> ``audio_encoder.onnx`` -> feature blocks
-(``inference_service.audio``, sections 1-2 of SYNCTALK2D.md); background frame of output
+(``lipsync.core``; docs/SEMANTICS.md, "Audio" to "Audio blocks"); background frame of output
 frame ``t`` by the services' ping-pong walk; face crop / visual input / paste back
-(``lipsync.visual``, sections 3 and 5); ``unet.onnx`` in onnxruntime (CPU).
+(``lipsync.core.visual``; "Face crop", "Paste-back"); ``unet.onnx`` in onnxruntime (CPU).
 Then :func:`lipsync_correlation` compares the mouth opening measured on the composited
 frames with the speech envelope.
 
 Timing convention. Output frame ``k`` is shown at ``k / 25`` s (the clip yields ``n + 2``
-frames, about its duration times 25). Under the section-2 rule its audio input is rows
+frames, about its duration times 25). Under the audio-block rule its audio input is rows
 ``F'[k-8 : k+8]`` = encoder windows ``k-9 .. k+6``; window ``j`` covers mel frames
 ``3.2 j .. 3.2 j + 15`` (centred mel frame ``t`` is at ``t / 80`` s), so the block spans
 ``(k - 9) / 25 - 0.005`` .. ``(k + 11) / 25 - 0.0125`` s and its centre (between
@@ -33,8 +33,9 @@ import numpy as np
 import onnxruntime as ort
 import soundfile as sf
 
-from inference_service.audio import clip_frame_count, feature_blocks, mel_windows, melspectrogram
-from lipsync.visual import face_crop, inner, mouth_to_uint8, paste_back, visual_input
+from lipsync.core.mel import melspectrogram
+from lipsync.core.visual import face_crop, inner, mouth_to_uint8, paste_back, visual_input
+from lipsync.core.windows import clip_frame_count, feature_blocks, mel_windows
 from training.demo_avatar.make_data import speech_envelope  # the envelope training used
 
 FPS = 25

@@ -22,17 +22,9 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from lipsync.avatar_package import write_manifest
 from training.demo_avatar import make_data as md
 from training.demo_avatar.train import AudioEncoder, DemoUNet
-
-MANIFEST = """\
-name: demo
-fps: 25
-unet: unet.onnx
-audio_encoder: audio_encoder.onnx
-frames: frames
-crop_rects: crop_rects.json
-"""
 
 
 def _export(module: torch.nn.Module, args: tuple, in_names, out_name: str) -> bytes:
@@ -99,7 +91,7 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "audio_encoder.onnx").write_bytes(enc_onnx)
     (args.out / "unet.onnx").write_bytes(unet_onnx)
-    (args.out / "avatar.yaml").write_text(MANIFEST)
+    write_manifest(args.out, "demo")
     for name in ("audio_encoder.onnx", "unet.onnx"):
         print(f"wrote {args.out / name} ({(args.out / name).stat().st_size / 1e6:.2f} MB)")
     if args.bench:

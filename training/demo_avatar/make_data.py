@@ -12,7 +12,7 @@ Outputs
   (16 kHz mono, level-normalised), with the split (train / heldout), voice, speed, pitch
   and text of each.
 * ``<data-dir>/mouth_cache.npy``: uint8 ``[N, L, 320, 320, 3]``, the 320x320 network
-  square (section 3 of SYNCTALK2D.md: crop of the rect, resize to 328 cubic, [4:324]) of
+  square (docs/SEMANTICS.md, "Face crop": crop of the rect, resize to 328 cubic, [4:324]) of
   background frame ``k`` re-rendered with a mouth opened to level ``l / (L - 1)``,
   JPEG-round-tripped like the shipped frames. Level 0 is the shipped background frame.
 

@@ -6,11 +6,12 @@ every background frame with the mouth opened to 16 levels. One training sample i
 
 * audio: the clip's reference mel (``inference_service.audio.melspectrogram``; a gain /
   noise augmented copy of the clip for 2 of its 3 variants), the mel windows of the 16
-  feature rows frame ``i`` takes (section 2 of SYNCTALK2D.md), run through the encoder
+  feature rows frame ``i`` takes (docs/SEMANTICS.md, "Audio blocks"), run through the encoder
   being trained and gathered into the ``[32, 16, 16]`` block by :func:`gather_blocks`
   (differentiable; checked against ``feature_blocks`` by ``--check``);
-* visual input: ``[real, masked]`` of background frame ``k`` (section 3) whose mouth is
-  closed (75 %) or at a random opening (25 %), so the mouth must come from the audio;
+* visual input: ``[real, masked]`` of background frame ``k`` ("Face crop" in
+  docs/SEMANTICS.md) whose mouth is closed (75 %) or at a random opening (25 %), so the
+  mouth must come from the audio;
 * target: background frame ``k`` with the mouth at ``opening(i / 25 s)`` of the clip.
 
 Loss: L1 over the 320x320 output, x10 inside the region the mouth and jaw ever change,
@@ -34,21 +35,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inference_service.audio import (
-    clip_frame_count,
-    feature_blocks,
-    mel_window_starts,
-    mel_windows,
-    melspectrogram,
-)
+from lipsync.core.mel import melspectrogram
+from lipsync.core.windows import clip_frame_count, feature_blocks, mel_window_starts, mel_windows
 from training.demo_avatar import make_data as md
 
 SEED = 1234
-MASK_Y0, MASK_Y1, MASK_X0, MASK_X1 = 5, 310, 5, 315  # section 3, half-open
+MASK_Y0, MASK_Y1, MASK_X0, MASK_X1 = 5, 310, 5, 315  # "Face crop", half-open
 
 
 # ========================================================================================
-# Networks (the ONNX contract of section 4, much narrower inside)
+# Networks (the ONNX contract of docs/SEMANTICS.md "Tensors", much narrower inside)
 # ========================================================================================
 
 
@@ -242,7 +238,7 @@ def load_clips(data_dir: Path, split: str, rng: np.random.Generator, variants: i
 
 
 def masked_input(real_u8: np.ndarray) -> torch.Tensor:
-    """``[B, 320, 320, 3]`` uint8 -> ``[B, 6, 320, 320]`` float32 (section 3)."""
+    """``[B, 320, 320, 3]`` uint8 -> ``[B, 6, 320, 320]`` float32 ("Face crop")."""
     real = torch.from_numpy(real_u8).permute(0, 3, 1, 2).float() / 255.0
     masked = real.clone()
     masked[:, :, MASK_Y0:MASK_Y1, MASK_X0:MASK_X1] = 0

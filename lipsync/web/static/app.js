@@ -160,7 +160,9 @@
       setState('connecting');
       ws.onopen = () => {
         setState('open');
-        ws.send(JSON.stringify({ type: 'start', model, sample_rate: s.rate, realtime: true }));
+        const start = { type: 'start', model, sample_rate: s.rate, realtime: true };
+        if (apiKey) start.api_key = apiKey;
+        ws.send(JSON.stringify(start));
       };
       ws.onmessage = (ev) => {
         if (typeof ev.data === 'string') {
@@ -175,6 +177,7 @@
             if (rtts.length > 10) rtts.shift();
             stats.rttMs = median(rtts);
           } else if (msg.type === 'error') {
+            if (msg.code === 'UNAUTHENTICATED' || msg.code === 'PERMISSION_DENIED') forgetKey();
             showError(msg.message);
             setState('error');
           } else if (msg.type === 'end') {
@@ -530,9 +533,28 @@ registerProcessor('lipsync-capture', LipsyncCapture);
   }
 
   // -- wiring -----------------------------------------------------------------------------
+  // The compositing service may require an API key (docs/SECURITY.md): asked for when
+  // /api/models answers 401/403, kept for this tab only, sent as a bearer token there and
+  // in the WebSocket's start message.
+  let apiKey = sessionStorage.getItem('lipsync.apiKey') || '';
+  function forgetKey() { apiKey = ''; sessionStorage.removeItem('lipsync.apiKey'); }
+  async function fetchModels() {
+    for (let attempt = 0; ; attempt++) {
+      const headers = apiKey ? { Authorization: `Bearer ${apiKey}` } : {};
+      const resp = await fetch('/api/models', { headers });
+      if ((resp.status !== 401 && resp.status !== 403) || attempt >= 3) return resp;
+      forgetKey();
+      const key = window.prompt(resp.status === 401
+        ? 'This service needs an API key:' : 'That key may not do this; another API key:');
+      if (!key) return resp;
+      apiKey = key.trim();
+      sessionStorage.setItem('lipsync.apiKey', apiKey);
+    }
+  }
+
   async function loadModels() {
     try {
-      const resp = await fetch('/api/models');
+      const resp = await fetchModels();
       const body = await resp.json();
       if (!resp.ok) throw new Error(body.error || resp.statusText);
       stats.models = body;

@@ -1,0 +1,20 @@
+"""Streaming sessions (StreamComposite): audio chunks in, JPEG frames out as soon as the
+audio they need has arrived (docs/STREAMING.md).
+
+The session is a pipeline of small stages, each usable alone:
+
+- `ingest`: chunk decoding, resampling, clips of 16 kHz samples that forget their head;
+- `planner`: which frames are final, batches of at most `max_batch`, where a clip goes
+  on the timeline (`schedule`), gap flush;
+- `infer_stage`: clip tail and face crops to the inference service, speech flags,
+  per-frame audio;
+- `composite_stage`: paste and JPEG, in order;
+- `output`: `RealtimePacer` (paced at the avatar's fps, idle frames) or `OfflineSink`;
+- `session`: `StreamSession`, the wiring, threads and events (interrupt, failure,
+  cancel).
+"""
+
+from compositing_service.streaming.ingest import StreamError
+from compositing_service.streaming.session import StreamSession
+
+__all__ = ["StreamError", "StreamSession"]

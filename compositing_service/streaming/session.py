@@ -1,0 +1,212 @@
+"""A StreamComposite session: the stages wired together.
+
+    reader thread      feed(): requests -> AudioIngest -> clips
+    producer thread    Planner.next_batch() -> InferStage.run() -> Handoff(2)
+    compositor thread  Handoff -> CompositeStage.run() -> output.put()
+    RPC generator      frames(): OfflineSink or RealtimePacer -> StreamFrame
+
+Each stage owns its state; they meet at explicit hand-offs (the `ClipSink` calls, the
+bounded `Handoff`, the output's queue) and at the `Schedule` (the timeline both the
+planner and the output stage must see). Control travels as events:
+
+- interrupt: a new epoch, told to every stage downstream first (output, composite,
+  infer, planner, ingest); each drops what it holds of older epochs, and every batch
+  carries the epoch it was planned in, so nothing planned before it can reach the client.
+- failure: the first error is kept by the output (the client gets it from `frames`) and
+  the planner stops; the pipeline drains and ends.
+- cancel: every stage and hand-off stops waiting and returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+from compositing_service.compositor import Compositor
+from compositing_service.frames import AvatarFrames
+from compositing_service.inference_client import InferenceClient
+from compositing_service.streaming.composite_stage import CompositeStage
+from compositing_service.streaming.handoff import Handoff
+from compositing_service.streaming.infer_stage import InferredBatch, InferStage, transient
+from compositing_service.streaming.ingest import AudioIngest, StreamError
+from compositing_service.streaming.output import (
+    FrameMessages,
+    OfflineSink,
+    RealtimePacer,
+)
+from compositing_service.streaming.planner import Planner
+from compositing_service.streaming.schedule import Schedule
+from lipsync.config import StreamConfig
+from lipsync.core.audio import AudioError, check_rate
+from lipsync.proto import compositing_pb2 as cpb
+from lipsync.rpc.messages import audio_encoding
+
+log = logging.getLogger(__name__)
+
+# Realtime: how long one inference call may take, retries included, before its speech is
+# dropped and the avatar idles (an inference outage must not stall the video).
+REALTIME_CALL_BUDGET_S = 0.5
+
+
+class StreamSession:
+    def __init__(
+        self,
+        start: cpb.StreamStart,
+        avatar: AvatarFrames,
+        inference: InferenceClient,
+        compositor: Compositor,
+        settings: StreamConfig,
+        idle_jpeg: Callable[[int], bytes],  # JPEG of background frame i, unmodified
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        try:
+            rate = check_rate(start.sample_rate)
+            encoding = audio_encoding(start.audio_encoding)
+        except (AudioError, ValueError) as exc:
+            raise StreamError(str(exc)) from exc
+        self.start = start
+        self.realtime = start.realtime
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._epoch = 0
+        self._cancelled = False
+        self._threads: list[threading.Thread] = []
+
+        self.schedule = Schedule(avatar.fps, clock0=clock())
+        self.planner = Planner(
+            self.schedule,
+            realtime=start.realtime,
+            max_batch=settings.max_batch,
+            jitter_ms=settings.jitter_ms,
+            gap_flush_ms=settings.gap_flush_ms,
+            clock=clock,
+        )
+        self.ingest = AudioIngest(
+            rate, encoding, self.planner, clock, max_buffered_s=settings.max_buffered_audio_s
+        )
+        self.inferring = InferStage(
+            start.model_id,
+            avatar,
+            inference,
+            compositor,
+            start_frame_idx=start.start_frame_idx,
+            return_audio=start.return_audio,
+            call_budget_s=REALTIME_CALL_BUDGET_S if start.realtime else None,
+        )
+        self.handoff: Handoff[InferredBatch] = Handoff(2)
+        self.compositing = CompositeStage(avatar, compositor)
+        messages = FrameMessages(
+            avatar.fps, avatar.count, start.start_frame_idx, idle_jpeg, start.return_audio, clock
+        )
+        self.output: OfflineSink | RealtimePacer = (
+            RealtimePacer(messages, self.schedule, clock, capacity=settings.max_queued_frames)
+            if start.realtime
+            else OfflineSink(messages, self.schedule, settings.max_queued_frames)
+        )
+
+    # -- input (the reader thread) -------------------------------------------------------
+    def feed(self, requests: Iterator[cpb.StreamRequest]) -> None:
+        """Read the client's messages after `start` until it closes its side."""
+        try:
+            for req in requests:
+                kind = req.WhichOneof("msg")
+                if kind == "audio":
+                    self.ingest.audio(req.audio)
+                elif kind == "end_of_audio":
+                    self.ingest.end_of_audio()
+                elif kind == "interrupt":
+                    self.interrupt()
+                elif kind == "start":
+                    raise StreamError("start may only be the first message")
+                if self._cancelled:
+                    return
+        except StreamError as exc:
+            self.fail(exc)
+        except Exception as exc:  # the client went away mid-read, ...
+            if not self._cancelled:
+                self.fail(exc)
+        finally:
+            self.ingest.close()
+
+    # -- events --------------------------------------------------------------------------
+    def interrupt(self) -> None:
+        """Drop queued and in-flight speech: the next slot is an idle frame."""
+        with self._lock:
+            self._epoch += 1
+            epoch = self._epoch
+            # downstream first: a batch the planner makes in the new epoch must not meet
+            # a stage still in the old one
+            self.output.interrupt(epoch)
+            self.compositing.interrupt(epoch)
+            self.inferring.interrupt(epoch)
+            self.planner.interrupt(epoch)
+            self.ingest.interrupt(epoch)
+
+    def fail(self, exc: BaseException) -> None:
+        self.output.fail(exc)
+        self.planner.stop()
+        self.ingest.stop()
+
+    def end(self) -> None:
+        """End cleanly (the service shuts down): nothing more is planned; what is made is
+        sent, then the stream ends with OK."""
+        self.planner.stop()
+        self.ingest.stop()
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self.planner.stop()
+        self.ingest.stop()
+        self.handoff.cancel()
+        self.output.cancel()
+
+    # -- production ----------------------------------------------------------------------
+    def _produce(self) -> None:
+        try:
+            while (batch := self.planner.next_batch()) is not None:
+                try:
+                    inferred = self.inferring.run(batch)
+                except Exception as exc:
+                    if not (self.realtime and transient(exc)) or self._cancelled:
+                        raise
+                    # realtime rides out an inference outage: this speech is dropped (as
+                    # by an interrupt), the avatar idles, the next audio speaks again
+                    log.info("inference call failed (%s): speech dropped", exc)
+                    self.interrupt()
+                    continue
+                if inferred is not None and not self.handoff.put(inferred):
+                    break
+        except Exception as exc:
+            self.fail(exc)
+        finally:
+            self.handoff.close()
+
+    def _composite(self) -> None:
+        try:
+            while (item := self.handoff.get()) is not None:
+                frames = self.compositing.run(item)
+                if frames is None:
+                    continue
+                self.planner.record_production((self._clock() - item.batch.planned_at) * 1000)
+                if not self.output.put(frames):
+                    break
+        except Exception as exc:
+            self.fail(exc)
+        finally:
+            self.output.finish()
+
+    # -- output (the RPC's response generator) -------------------------------------------
+    def frames(self) -> Iterator[cpb.StreamFrame]:
+        self._threads = [
+            threading.Thread(target=self._produce, name="stream-produce", daemon=True),
+            threading.Thread(target=self._composite, name="stream-composite", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+        try:
+            yield from self.output.frames()
+        finally:
+            self.cancel()
