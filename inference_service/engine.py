@@ -83,7 +83,9 @@ class InferenceEngine:
                 self.session_opts,
                 self.batch_policy,
             )
-        nets.memory_bytes = meter.bytes
+        # at least the weights the sessions hold: a small model's load can fit in memory
+        # the process had already (the measured growth is then ~0)
+        nets.memory_bytes = max(meter.bytes, nets.nbytes)
         if nets.runner.batcher is not None:
             nets.runner.batcher.events = self._batch_event
         return nets

@@ -160,12 +160,14 @@ class ServiceMetrics:
             self.cache_evictions.labels(reason)
         self.cache_load_seconds = Histogram(
             "lipsync_background_cache_load_seconds",
-            "Time to decode one avatar's frames.",
+            "Time to load one avatar's frames (its files read, headers checked).",
             buckets=LOAD_BUCKETS,
             registry=r,
         )
         self.cache_bytes = Gauge(
-            "lipsync_background_cache_bytes", "Bytes of decoded frames held.", registry=r
+            "lipsync_background_cache_bytes",
+            "Bytes the frames store holds: frame files and their cached JPEGs.",
+            registry=r,
         )
         self.cache_avatars = Gauge(
             "lipsync_background_cache_avatars", "Avatars whose frames are held.", registry=r

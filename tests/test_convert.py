@@ -288,10 +288,10 @@ def test_import_synctalk_builds_a_loadable_package(tmp_path: Path, ckpts, monkey
     assert sorted(p.name for p in (tmp_path / "avatars").iterdir()) == ["may"]
 
     # A replacement that fails at the last step leaves the previous package in place.
-    def broken(*args: object) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(synctalk_import, "_write_manifest", broken)
+    monkeypatch.setattr(synctalk_import, "write_manifest", broken)
     with pytest.raises(OSError, match="disk full"):
         import_synctalk(
             data, ckpts["unet"], ckpts["encoder"], "may", tmp_path / "avatars", overwrite=True,
