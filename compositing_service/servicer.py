@@ -25,9 +25,9 @@ from compositing_service.dataplane import BatchDataplane, BatchRequest, CallerGo
 from compositing_service.endpoints import is_multi_target
 from compositing_service.frames import FrameStore
 from compositing_service.inference_client import DeadlineError, InferenceClient
-from compositing_service.observe import observe_frames
+from compositing_service.observe import observe_frames, pace_events
 from compositing_service.routing import connect_inference
-from compositing_service.streaming import StreamError, StreamSession
+from compositing_service.streaming import StreamError, StreamSession, in_context_thread
 from lipsync import __version__
 from lipsync.admission import Admission, HealthWatcher, Overloaded, RateLimitedLog, set_health
 from lipsync.avatar_package import AvatarCatalog, AvatarError, UnknownModelError, check_model_id
@@ -41,6 +41,7 @@ from lipsync.limits import (
     check_feature_bytes,
     check_tensor_bytes,
 )
+from lipsync.metrics import ServiceMetrics
 from lipsync.proto import compositing_pb2 as cpb
 from lipsync.proto import compositing_pb2_grpc as cpb_grpc
 from lipsync.rpc.errors import rpc_error_message
@@ -68,8 +69,10 @@ class CompositingServicer(cpb_grpc.CompositingServiceServicer):
         frames: FrameStore,
         inference: InferenceClient,
         compositor: Compositor,
+        metrics: ServiceMetrics | None = None,
     ):
         self.cfg = cfg
+        self.metrics = metrics
         self.admin = admin
         self.dataplane = dataplane
         self.frames = frames
@@ -238,6 +241,8 @@ class CompositingServicer(cpb_grpc.CompositingServiceServicer):
                 self.compositor,
                 self.cfg.compositing.stream,
                 lambda i: avatar.encoded(i, encoder).data,
+                # realtime: skipped slots and late frames, counted by the pacer
+                on_pace=pace_events(self.metrics) if self.metrics is not None else None,
             )
         except Exception as exc:
             self._abort(context, exc)
@@ -246,9 +251,9 @@ class CompositingServicer(cpb_grpc.CompositingServiceServicer):
             self._sessions.add(session)
         # Accepted: the headers tell the caller now (the gateway answers "started" then).
         context.send_initial_metadata((("lipsync-stream", "accepted"),))
-        reader = threading.Thread(
-            target=session.feed, args=(requests,), name="stream-reader", daemon=True
-        )
+        # in a copy of this RPC's context, as the session's own threads: its log lines
+        # carry the request and stream ids
+        reader = in_context_thread(session.feed, requests, name="stream-reader")
         reader.start()
         try:
             yield from session.frames()
@@ -334,7 +339,13 @@ def start(cfg: Config, port: int | None = None, preload: bool = True) -> Running
     compositor = Compositor(c.jpeg_quality, c.workers)
     dataplane = BatchDataplane(frames, inference, compositor, c.inference_chunk, 2 * c.max_workers)
     servicer = CompositingServicer(
-        cfg, ModelAdmin(catalog, frames, inference), dataplane, frames, inference, compositor
+        cfg,
+        ModelAdmin(catalog, frames, inference),
+        dataplane,
+        frames,
+        inference,
+        compositor,
+        metrics=obs.metrics,
     )
     # Streams hold a handler thread for their life: they get max_sessions threads of their
     # own (admission counts them), so unary calls and health checks always find one of

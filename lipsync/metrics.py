@@ -120,14 +120,14 @@ class ServiceMetrics:
             self.active_streams.labels(mode)
         self.realtime_late = Counter(
             "lipsync_realtime_frames_late",
-            "Realtime stream frames sent more than one frame interval after their slot on "
-            "the stream's clock (anchored at the stream's first frame).",
+            "Realtime stream frames sent more than one frame interval after their slot was "
+            "due on the stream's clock (counted by the stream's pacer).",
             registry=r,
         )
         self.realtime_skipped = Counter(
             "lipsync_realtime_frames_skipped",
-            "Realtime stream slots skipped to catch up with the clock (gaps in the sent "
-            "frames' indices: idle frames dropped for a slow client).",
+            "Realtime stream slots skipped to catch up with the clock (counted by the "
+            "stream's pacer: idle frames dropped for a slow client).",
             registry=r,
         )
         self.stream_latency = Histogram(

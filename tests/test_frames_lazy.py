@@ -50,3 +50,22 @@ def test_catalog_rescan_rereads_only_changed_manifests(tmp_path):
     manifest.write_text(manifest.read_text().replace("name: c2", "name: c2b"))
     catalog.rescan()
     assert catalog.names() == ["c0", "c1", "c2b"]
+
+
+def test_an_oversized_frame_is_refused_from_its_header_at_load(tmp_path):
+    """A small file whose header says 5000x5000 (a decompression bomb of 75 MB) is refused
+    when the avatar loads, before any frame is decoded; the other avatars keep loading."""
+    import pytest
+
+    from lipsync.avatar_package import AvatarError
+
+    folder = make_avatar(tmp_path, "bomb", n_frames=3, width=64, height=64, seed=3)
+    ok, data = cv2.imencode(".png", np.zeros((5000, 5000, 3), np.uint8))
+    assert ok and len(data) < 200_000  # compresses to little
+    (folder / "frames" / "1.png").write_bytes(data.tobytes())
+    make_avatar(tmp_path, "fine", n_frames=3, width=64, height=64, seed=4)
+    store = FrameStore(AvatarCatalog(tmp_path), max_avatars=10, max_bytes=1 << 30)
+    with pytest.raises(AvatarError, match="5000"):
+        store.get("bomb")
+    assert store.decoded.nbytes == 0
+    assert store.get("fine").count == 3

@@ -296,6 +296,37 @@ def test_a_trace_spans_both_services_and_the_batch(ops, clip):
     assert infer[0].resource.attributes["service.name"] == "lipsync-inference"
 
 
+def test_a_stream_trace_holds_its_inference_calls(ops, clip):
+    """The session's threads run in the RPC's context: the stream's Infer calls are
+    children of its server span."""
+    if ops.spans is None:
+        pytest.skip("the `tracing` extra (opentelemetry-sdk) is not installed")
+    ops.spans.clear()
+    reqs = [
+        cpb.StreamRequest(start=cpb.StreamStart(model_id="alice", realtime=True)),
+        cpb.StreamRequest(audio=clip.astype("<f4").tobytes()),
+        cpb.StreamRequest(end_of_audio=True),
+    ]
+    frames = list(
+        ops.stub.StreamComposite(
+            iter(reqs), metadata=(("x-request-id", "stream-trace-1"),), timeout=60
+        )
+    )
+    assert any(f.generated for f in frames)
+    deadline = time.monotonic() + 10
+    while True:
+        stream = [s for s in ops.spans.get_finished_spans() if s.name == "StreamComposite"]
+        if stream:
+            break
+        assert time.monotonic() < deadline, "the stream's span never ended"
+        time.sleep(0.05)
+    assert len(stream) == 1
+    trace_id = stream[0].context.trace_id
+    spans = ops.spans.get_finished_spans()
+    infer = [s for s in spans if s.name == "Infer" and s.context.trace_id == trace_id]
+    assert infer and all(s.parent.span_id == stream[0].context.span_id for s in infer)
+
+
 def test_metrics_port_is_released_on_stop(avatars_root, shared_encoder):
     from inference_service.servicer import start
 
@@ -778,22 +809,52 @@ def test_compose_monitoring_file():
         assert {"inference", "compositing", "web", "prometheus", "grafana"} <= set(merged)
 
 
-def test_realtime_late_and_skipped_frames_are_counted(monkeypatch):
-    """Realtime frames seen by the interceptor: gaps in the indices are skipped slots;
-    a frame sent over one frame interval after its slot on the stream's clock is late."""
+def test_realtime_late_and_skipped_frames_are_counted_by_the_pacer():
+    """The realtime pacer counts where it paces (its events feed the service's counters
+    through compositing_service.observe.pace_events); the interceptor infers nothing from
+    the frames it sees (it counts them, no more)."""
+    from compositing_service.observe import pace_events
+    from compositing_service.streaming.output import FrameMessages, RealtimePacer
+    from compositing_service.streaming.schedule import Schedule
     from lipsync.metrics import ServiceMetrics
     from lipsync.rpc import observe
 
     m = ServiceMetrics("compositing")
+    now = [10.0]
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    pacer = RealtimePacer(
+        FrameMessages(25, 3, 0, lambda i: b"idle", False, lambda: now[0]),
+        Schedule(25),
+        clock=lambda: now[0],
+        sleep=sleep,
+        on_event=pace_events(m),
+    )
+    frames = pacer.frames()
+    sent = [next(frames)]  # slot 0 at 10.00, on time
+    now[0] = 10.15  # slot 1 (due 10.04) is skipped; slot 2 (due 10.08) is sent 70 ms late
+    sent.append(next(frames))
+    sent.append(next(frames))  # slot 3 (due 10.12): 30 ms, not late
+    assert [f.index for f in sent] == [0, 2, 3]
+    skipped, late = "lipsync_realtime_frames_skipped_total", "lipsync_realtime_frames_late_total"
+    assert m.registry.get_sample_value(skipped) == 1
+    assert m.registry.get_sample_value(late) == 1
+
     call = observe._Call(
         observe.ServerObserver(m, "off"), "/compositing.CompositingService/StreamComposite", {}
     )
-    sent_at = iter([10.0, 10.04, 10.081, 10.30])  # slots at 10.00, .04, .08, (.12, .16) .20
-    monkeypatch.setattr(observe.time, "perf_counter", lambda: next(sent_at))
-    for index in (0, 1, 2, 5):
-        call._pace(m, index, index * 40.0)
-    assert m.registry.get_sample_value("lipsync_realtime_frames_skipped_total") == 2
-    assert m.registry.get_sample_value("lipsync_realtime_frames_late_total") == 1
+    call.begin()
+    call.request(cpb.StreamRequest(start=cpb.StreamStart(model_id="alice", realtime=True)))
+    # a gap of five slots in the indices: still only frames
+    for frame in (*sent, cpb.StreamFrame(index=9, jpeg=b"x", pts_ms=360.0)):
+        call.response(frame)
+    call.finish(grpc.StatusCode.OK)
+    assert m.registry.get_sample_value(skipped) == 1
+    assert m.registry.get_sample_value(late) == 1
+    key = {"model_id": "alice", "rpc": "StreamComposite"}
+    assert m.registry.get_sample_value("lipsync_frames_total", key) == 4
 
 
 def test_gateway_logs_json_and_serves_metrics_as_a_process():

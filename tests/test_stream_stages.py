@@ -16,12 +16,20 @@ from compositing_service.streaming.composite_stage import CompositeStage, OutFra
 from compositing_service.streaming.handoff import Handoff
 from compositing_service.streaming.infer_stage import InferStage, frame_audio, speech_flags
 from compositing_service.streaming.ingest import AudioIngest, AudioTail, Clip, SampleBuffer
-from compositing_service.streaming.output import FrameMessages, OfflineSink, RealtimePacer
+from compositing_service.streaming.output import (
+    LATE,
+    SKIPPED,
+    FrameMessages,
+    OfflineSink,
+    PaceCounts,
+    RealtimePacer,
+)
 from compositing_service.streaming.planner import Batch, Planner
 from compositing_service.streaming.schedule import Schedule
 from lipsync.config import StreamConfig
 from lipsync.core import audio, lookahead, windows
 from lipsync.core.timeline import pingpong
+from lipsync.logs import call_ids, current_ids
 from lipsync.proto import compositing_pb2 as cpb
 from tests.avatar_factory import speech_like
 
@@ -530,13 +538,14 @@ def test_offline_sink_raises_the_failure():
         list(sink.frames())
 
 
-def pacer(clock: FakeClock, schedule: Schedule | None = None) -> RealtimePacer:
+def pacer(clock: FakeClock, schedule: Schedule | None = None, on_event=None) -> RealtimePacer:
     return RealtimePacer(
         messages(clock, return_audio=True),
         schedule or Schedule(FPS),
         clock=clock,
         sleep=clock.sleep,
         poll_s=0.001,
+        on_event=on_event,
     )
 
 
@@ -566,6 +575,32 @@ def test_pacer_skips_idle_slots_when_the_client_is_behind():
     assert nxt.index == 11 and clock.t == 0.5  # due at 0.44: sent at once
     assert next(frames).index == 12 and clock.t == 0.5  # due at 0.48
     assert next(frames).index == 13 and clock.t == pytest.approx(0.52)  # back on the clock
+    # slots 1..10 skipped; slot 11 went 60 ms after its slot (late), slot 12 20 ms (not)
+    assert p.counts == PaceCounts(skipped=10, late=1)
+
+
+def test_pacer_counts_a_skipped_slot_and_late_frames_where_it_paces():
+    clock = FakeClock(0.0)
+    schedule = Schedule(FPS)
+    events: list[str] = []
+    p = pacer(clock, schedule, on_event=events.append)
+    frames = p.frames()
+    assert next(frames).index == 0 and events == []  # on time
+    clock.t = 0.15  # slot 1 (due 0.04) is over two frames behind; slot 2 (0.08) is not
+    assert next(frames).index == 2
+    assert events == [SKIPPED, LATE]  # slot 2 went 70 ms after it was due
+    assert p.counts == PaceCounts(skipped=1, late=1)
+    assert next(frames).index == 3 and clock.t == 0.15  # due 0.12: 30 ms is not late
+    assert schedule.place(4, 1) == 4  # speech on slot 4 (due 0.16)
+    clock.t = 0.26  # its frame is made 100 ms after its slot: a speech slot is never skipped
+    p.put([out_frame(4)])
+    f4 = next(frames)
+    assert (f4.index, f4.generated) == (4, True)
+    assert events == [SKIPPED, LATE, LATE] and p.counts == PaceCounts(skipped=1, late=2)
+    assert next(frames).index == 5 and clock.t == 0.26  # due 0.20: late again
+    assert next(frames).index == 6 and clock.t == 0.26  # due 0.24: 20 ms is not late
+    assert next(frames).index == 7 and clock.t == pytest.approx(0.28)  # back on the clock
+    assert events == [SKIPPED, LATE, LATE, LATE] and p.counts == PaceCounts(1, 3)
 
 
 def test_pacer_sends_speech_in_its_slots_and_waits_for_a_late_one():
@@ -670,6 +705,35 @@ def test_offline_session_wires_the_stages():
         f"bg{pingpong(4 + f.index, 7)}:m{f.clip_frame}".encode() for f in frames
     ]
     assert all(c["batch_size"] <= 8 and c["model_id"] == "alice" for c in inference.calls)
+
+
+class IdsInference(FakeInference):
+    """Records the log ids each inference call is made under."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids: list[dict[str, str]] = []
+        self.threads: set[str] = set()
+
+    def infer(self, *args, **kwargs) -> Mouths:
+        self.ids.append(current_ids())
+        self.threads.add(threading.current_thread().name)
+        return super().infer(*args, **kwargs)
+
+
+def test_session_threads_carry_the_callers_log_ids():
+    """The producer and compositor threads run in a copy of the context `frames` is
+    iterated in (the RPC's: its log ids and, with tracing on, its span)."""
+    inference = IdsInference()
+    with call_ids(request_id="rid-1", stream_id="rid-1", rpc="StreamComposite"):
+        frames = run_offline(session(inference), requests(speech_like(0.5, seed=22)))
+    assert frames and inference.ids
+    assert inference.threads == {"stream-produce"}
+    assert all(
+        ids == {"request_id": "rid-1", "stream_id": "rid-1", "rpc": "StreamComposite"}
+        for ids in inference.ids
+    )
+    assert current_ids() == {}
 
 
 def test_offline_session_raises_bad_input_and_inference_failures():

@@ -15,6 +15,7 @@ The session is a pipeline of small stages, each usable alone:
 """
 
 from compositing_service.streaming.ingest import StreamError
-from compositing_service.streaming.session import StreamSession
+from compositing_service.streaming.output import LATE, SKIPPED, PaceCounts
+from compositing_service.streaming.session import StreamSession, in_context_thread
 
-__all__ = ["StreamError", "StreamSession"]
+__all__ = ["LATE", "SKIPPED", "PaceCounts", "StreamError", "StreamSession", "in_context_thread"]

@@ -6,7 +6,10 @@ sleeps or makes idle frames.
   pipeline's backpressure).
 - `RealtimePacer`: one frame per slot at the avatar's fps, by presentation time: the
   slot's speech frame when speech is due there (it waits for it), else an idle frame; a
-  player more than two frames behind the clock skips idle slots to catch up.
+  player more than two frames behind the clock skips idle slots to catch up. It counts
+  what it does off the clock (`PaceCounts`, and the optional `on_event` callback the
+  service's metrics hang on: streaming/ imports no metrics library): a skipped slot, and
+  a late frame (sent more than `LATE_AFTER_FRAMES` frame intervals after its slot was due).
 
 Both take frames from the composite stage (`put`), are told when production ends
 (`finish`), fails (`fail`, raised to the client) or is cancelled, and drop their queued
@@ -19,12 +22,30 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from compositing_service.streaming.composite_stage import OutFrame
 from compositing_service.streaming.schedule import Schedule
 from lipsync.core.audio import SAMPLES_PER_FRAME
 from lipsync.core.timeline import pingpong
 from lipsync.proto import compositing_pb2 as cpb
+
+# A frame sent more than this many frame intervals after its slot was due is late (one
+# interval: the frame is already on screen in the next slot's time).
+LATE_AFTER_FRAMES = 1.0
+
+# The pacer's events (`RealtimePacer.on_event`): a slot skipped to catch up with the clock
+# (always an idle one), a frame sent late.
+SKIPPED = "skipped"
+LATE = "late"
+
+
+@dataclass
+class PaceCounts:
+    """What a realtime stream's pacer did off the clock so far."""
+
+    skipped: int = 0  # idle slots skipped to catch up with the clock
+    late: int = 0  # frames sent more than LATE_AFTER_FRAMES intervals after their slot
 
 
 class FrameMessages:
@@ -188,9 +209,14 @@ class RealtimePacer(_Output):
         sleep: Callable[[float], None] = time.sleep,
         poll_s: float = 0.01,
         capacity: int = 0,
+        on_event: Callable[[str], None] | None = None,
     ):
         super().__init__(messages, schedule)
         self._clock = clock
+        # `on_event(SKIPPED | LATE)`, once per skipped slot / late frame, from the thread
+        # that iterates `frames` (it must not block: it runs on the stream's clock)
+        self.on_event = on_event
+        self.counts = PaceCounts()
         self._sleep = sleep
         self._poll_s = poll_s
         # made but unsent frames before `put` waits (0: no bound): a sender that runs
@@ -230,6 +256,14 @@ class RealtimePacer(_Output):
         finally:
             self.schedule.set_waiting(False)
 
+    def _event(self, kind: str) -> None:
+        if kind == SKIPPED:
+            self.counts.skipped += 1
+        else:
+            self.counts.late += 1
+        if self.on_event is not None:
+            self.on_event(kind)
+
     def _frames(self) -> Iterator[cpb.StreamFrame]:
         t0 = self._clock()
         self.schedule.start(t0)
@@ -249,8 +283,11 @@ class RealtimePacer(_Output):
             now = self._clock()
             if frame is None and now > due + 2 * frame_s:
                 slot += 1  # behind (slow client): skip an idle frame to get back on the clock
+                self._event(SKIPPED)
                 continue
             if due > now:
                 self._sleep(due - now)
+            elif now - due > LATE_AFTER_FRAMES * frame_s:
+                self._event(LATE)
             yield self.messages.speech(frame) if frame is not None else self.messages.idle(slot)
             slot += 1

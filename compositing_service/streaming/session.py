@@ -15,10 +15,17 @@ planner and the output stage must see). Control travels as events:
 - failure: the first error is kept by the output (the client gets it from `frames`) and
   the planner stops; the pipeline drains and ends.
 - cancel: every stage and hand-off stops waiting and returns.
+
+The producer and compositor threads run in a copy of the context `frames` is called in
+(and the servicer starts the reader thread so too): the RPC's log ids (request and stream
+id, lipsync.logs) tag their log lines, and with tracing on the stream's inference calls
+are children of the stream's span. A realtime stream's pacer reports its skipped slots and
+late frames to `on_pace` (the service's metrics) and in `pace_counts`.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
@@ -34,6 +41,7 @@ from compositing_service.streaming.ingest import AudioIngest, StreamError
 from compositing_service.streaming.output import (
     FrameMessages,
     OfflineSink,
+    PaceCounts,
     RealtimePacer,
 )
 from compositing_service.streaming.planner import Planner
@@ -61,6 +69,7 @@ class StreamSession:
         idle_jpeg: Callable[[int], bytes],  # JPEG of background frame i, unmodified
         *,
         clock: Callable[[], float] = time.monotonic,
+        on_pace: Callable[[str], None] | None = None,  # realtime: RealtimePacer.on_event
     ):
         try:
             rate = check_rate(start.sample_rate)
@@ -102,10 +111,21 @@ class StreamSession:
             avatar.fps, avatar.count, start.start_frame_idx, idle_jpeg, start.return_audio, clock
         )
         self.output: OfflineSink | RealtimePacer = (
-            RealtimePacer(messages, self.schedule, clock, capacity=settings.max_queued_frames)
+            RealtimePacer(
+                messages,
+                self.schedule,
+                clock,
+                capacity=settings.max_queued_frames,
+                on_event=on_pace,
+            )
             if start.realtime
             else OfflineSink(messages, self.schedule, settings.max_queued_frames)
         )
+
+    @property
+    def pace_counts(self) -> PaceCounts | None:
+        """Realtime: the slots skipped and frames sent late so far (None offline)."""
+        return self.output.counts if isinstance(self.output, RealtimePacer) else None
 
     # -- input (the reader thread) -------------------------------------------------------
     def feed(self, requests: Iterator[cpb.StreamRequest]) -> None:
@@ -201,8 +221,8 @@ class StreamSession:
     # -- output (the RPC's response generator) -------------------------------------------
     def frames(self) -> Iterator[cpb.StreamFrame]:
         self._threads = [
-            threading.Thread(target=self._produce, name="stream-produce", daemon=True),
-            threading.Thread(target=self._composite, name="stream-composite", daemon=True),
+            in_context_thread(self._produce, name="stream-produce"),
+            in_context_thread(self._composite, name="stream-composite"),
         ]
         for t in self._threads:
             t.start()
@@ -210,3 +230,12 @@ class StreamSession:
             yield from self.output.frames()
         finally:
             self.cancel()
+
+
+def in_context_thread(target: Callable[..., object], *args: object, name: str) -> threading.Thread:
+    """A daemon thread (not started) running `target(*args)` in a copy of the caller's
+    context: the call's log ids and trace span go with it (one copy per thread: a context
+    runs in one thread at a time)."""
+    return threading.Thread(
+        target=contextvars.copy_context().run, args=(target, *args), name=name, daemon=True
+    )

@@ -72,9 +72,6 @@ class _Call:
         self.noted: list[grpc.StatusCode] = []
         self._stack = ExitStack()
         self._done = False
-        self._clock0: float | None = None  # realtime streams: the clock's start
-        self._index0 = self._last = 0
-        self._pts0 = 0.0
 
     def begin(self) -> None:
         self._stack.enter_context(call_ids(request_id=self.request_id, rpc=self.rpc))
@@ -122,27 +119,8 @@ class _Call:
                 m.frames.labels(m.model_label(self.model_id), self.rpc).inc()
                 if fields.generated and self.stream_mode is not None:
                     m.stream_latency.labels(self.stream_mode).observe(fields.latency_ms / 1e3)
-                if self.stream_mode == "realtime":
-                    self._pace(m, fields.index, fields.pts_ms)
         elif hasattr(fields, "batch_size") and hasattr(fields, "execution_provider"):
             m.inferred_frames.inc(fields.batch_size)
-
-    def _pace(self, m: ServiceMetrics, index: int, pts_ms: float) -> None:
-        """Realtime frames: gaps in the indices are skipped slots; a frame sent more than
-        one frame interval after its slot (the stream's clock starts at its first frame)
-        is late."""
-        now = time.perf_counter()
-        if self._clock0 is None:
-            self._clock0, self._index0, self._pts0, self._last = now, index, pts_ms, index
-            return
-        if index > self._last + 1:
-            m.realtime_skipped.inc(index - self._last - 1)
-        self._last = index
-        if index > self._index0:
-            interval_s = (pts_ms - self._pts0) / (index - self._index0) / 1e3
-            due = self._clock0 + (pts_ms - self._pts0) / 1e3
-            if now - due > interval_s:
-                m.realtime_late.inc()
 
     def finish(self, code: grpc.StatusCode | None, exc: BaseException | None = None) -> None:
         if self._done:
