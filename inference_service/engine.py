@@ -50,6 +50,9 @@ class InferenceEngine:
     def __init__(self, cfg: Config, catalog: AvatarCatalog | None = None):
         self.cfg = cfg
         icfg = cfg.inference
+        # The mel basis comes from librosa, whose import takes ~0.7 s: pay it at start,
+        # not in the first request (it made a realtime stream's first call miss its budget).
+        mel.melspectrogram(np.zeros(audio.MIN_SAMPLES, np.float32))
         self.catalog = catalog or AvatarCatalog(cfg.avatars_path)
         self.session_opts = SessionOptions.from_config(icfg)
         b = icfg.batching
@@ -83,6 +86,9 @@ class InferenceEngine:
                 self.session_opts,
                 self.batch_policy,
             )
+            t0 = time.perf_counter()
+            nets.warm_up()
+            log.info("warmed up %s in %.0f ms", model_id, (time.perf_counter() - t0) * 1e3)
         # at least the weights the sessions hold: a small model's load can fit in memory
         # the process had already (the measured growth is then ~0)
         nets.memory_bytes = max(meter.bytes, nets.nbytes)

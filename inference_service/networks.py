@@ -24,6 +24,7 @@ from inference_service.sessions import (
     create_session,
     main_provider,
 )
+from lipsync.core.tensors import AUDIO_ENCODER_INPUT_SHAPE, UNET_AUDIO_SHAPE, UNET_INPUT_SHAPE
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,17 @@ class AvatarNetworks:
     def run_unet(self, visual: np.ndarray, audio: np.ndarray) -> np.ndarray:
         """[B,6,320,320] + [B,32,16,16] -> [B,3,320,320], batched with concurrent callers."""
         return self.runner(visual, audio)
+
+    def warm_up(self) -> None:
+        """One frame of zeros through both networks, straight through the sessions (no
+        batcher, no encoder cache), when the model loads: a session's first run allocates
+        its arenas and, on CUDA, picks its kernels, so the first real call would pay for
+        it (24 ms for the demo avatar on this CPU; much more on a GPU)."""
+        self._run(
+            np.zeros((1, *UNET_INPUT_SHAPE), np.float32),
+            np.zeros((1, *UNET_AUDIO_SHAPE), np.float32),
+        )
+        self.encoder._run(np.zeros((1, *AUDIO_ENCODER_INPUT_SHAPE), np.float32))
 
 
 def load_networks(

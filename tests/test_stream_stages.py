@@ -812,3 +812,17 @@ def test_realtime_session_plays_whole_clips_sent_at_once():
     assert not any(f.generated for f in got[first_a + n_a : first_b])
     assert got[first_b].index - got[first_a + n_a - 1].index > 5  # idle while b was made
     assert all(len(f.audio) == 1280 for f in got)
+
+
+def test_realtime_call_budget_grows_with_the_measured_batch_time():
+    """A realtime inference call may take 0.5 s, or three batches' production time where a
+    slow model makes that longer; offline calls have no budget of their own."""
+    from compositing_service.streaming.session import REALTIME_BUDGET_BATCHES
+
+    rt = session(realtime=True)
+    assert rt.inferring.call_budget_s is not None
+    rt.planner.batch_ms = 40.0
+    assert rt.inferring.call_budget_s() == 0.5
+    rt.planner.batch_ms = 700.0
+    assert rt.inferring.call_budget_s() == pytest.approx(REALTIME_BUDGET_BATCHES * 0.7)
+    assert session(realtime=False).inferring.call_budget_s is None

@@ -5,6 +5,7 @@ audio as s16le."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -90,7 +91,7 @@ class InferStage:
         *,
         start_frame_idx: int = 0,
         return_audio: bool = False,
-        call_budget_s: float | None = None,
+        call_budget_s: Callable[[], float] | None = None,
     ):
         self.model_id = model_id
         self.avatar = avatar
@@ -98,9 +99,9 @@ class InferStage:
         self.compositor = compositor
         self.start_frame_idx = start_frame_idx
         self.return_audio = return_audio
-        # realtime: an inference call (retries included) gives up after this long, so an
-        # outage costs a clip's speech, not the video (None: the client's own timeout and
-        # retry window, offline)
+        # realtime: how long an inference call (retries included) may take before it gives
+        # up, asked per call, so an outage costs a clip's speech, not the video (None: the
+        # client's own timeout and retry window, offline)
         self.call_budget_s = call_budget_s
         self._epoch = 0  # batches planned before the last interrupt are dropped
 
@@ -119,7 +120,7 @@ class InferStage:
         )
         crops = self.compositor.crops(self.avatar, backgrounds)
         tail = batch.tail
-        budget = self.call_budget_s
+        budget = None if self.call_budget_s is None else self.call_budget_s()
         with deadline_scope(None if budget is None else time.monotonic() + budget):
             mouths = self.inference.infer(
                 self.model_id,

@@ -54,8 +54,11 @@ from lipsync.rpc.messages import audio_encoding
 log = logging.getLogger(__name__)
 
 # Realtime: how long one inference call may take, retries included, before its speech is
-# dropped and the avatar idles (an inference outage must not stall the video).
+# dropped and the avatar idles (an inference outage must not stall the video): at least
+# this, and more where batches take longer to make (a large model on a slow device), so a
+# slow but working service is not mistaken for an outage.
 REALTIME_CALL_BUDGET_S = 0.5
+REALTIME_BUDGET_BATCHES = 3  # ... or this many times a batch's measured production time
 
 
 class StreamSession:
@@ -103,7 +106,7 @@ class StreamSession:
             compositor,
             start_frame_idx=start.start_frame_idx,
             return_audio=start.return_audio,
-            call_budget_s=REALTIME_CALL_BUDGET_S if start.realtime else None,
+            call_budget_s=self._realtime_budget if start.realtime else None,
         )
         self.handoff: Handoff[InferredBatch] = Handoff(2)
         self.compositing = CompositeStage(avatar, compositor)
@@ -126,6 +129,9 @@ class StreamSession:
     def pace_counts(self) -> PaceCounts | None:
         """Realtime: the slots skipped and frames sent late so far (None offline)."""
         return self.output.counts if isinstance(self.output, RealtimePacer) else None
+
+    def _realtime_budget(self) -> float:
+        return max(REALTIME_CALL_BUDGET_S, REALTIME_BUDGET_BATCHES * self.planner.batch_ms / 1000)
 
     # -- input (the reader thread) -------------------------------------------------------
     def feed(self, requests: Iterator[cpb.StreamRequest]) -> None:
