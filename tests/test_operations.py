@@ -517,8 +517,11 @@ def test_json_logs_every_line_parses(processes, clip):
                 pytest.fail(f"{name}: not JSON: {ln!r}")
         for r in records:
             assert {"time", "level", "service", "event"} <= set(r), r
-        access = [
-            r for r in records if r.get("rpc") == "InferBatchComposite" or r.get("rpc") == "Infer"
+        access = [  # the access lines (other lines logged inside a call carry its ids too)
+            r
+            for r in records
+            if r.get("logger") == "lipsync.access"
+            and r.get("rpc") in ("InferBatchComposite", "Infer")
         ]
         if name == "compositing":
             (line,) = [r for r in access if r["rpc"] == "InferBatchComposite"]
