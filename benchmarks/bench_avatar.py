@@ -53,3 +53,17 @@ def build(root: Path, n_frames: int = 50, width: int = 1280, height: int = 720) 
     save_model(build_reference_audio_encoder(seed=0), folder / AUDIO_ENCODER_FILE)
     write_manifest(folder, NAME)
     return folder
+
+
+def use_tiny_avatar(env: dict[str, str], prefix: str) -> str:
+    """Point `env`'s avatars root at a new temporary one holding a small test avatar (7
+    frames, tiny networks: per-frame cost is then mostly the services' own); returns its
+    model id. For the benchmarks' `--tiny` runs."""
+    import tempfile
+
+    from tests.avatar_factory import make_avatar
+
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    make_avatar(root, "tiny", n_frames=7)
+    env["AVATARS_DIR"] = str(root)
+    return "tiny"

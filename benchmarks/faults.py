@@ -28,6 +28,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from benchmarks.bench_avatar import use_tiny_avatar
 from lipsync.core.windows import frames_of_samples
 from lipsync.launch import ServiceProcesses
 from lipsync.ports import free_port
@@ -54,14 +55,7 @@ def main() -> None:
     args = ap.parse_args()
     env = dict(os.environ, LIPSYNC_LOG_LEVEL="WARNING")
     if args.tiny:
-        import tempfile
-
-        from tests.avatar_factory import make_avatar
-
-        root = Path(tempfile.mkdtemp(prefix="faults_"))
-        make_avatar(root, "tiny", n_frames=7)
-        env["AVATARS_DIR"] = str(root)
-        args.model = "tiny"
+        args.model = use_tiny_avatar(env, "faults_")
     inf_port, comp_port = free_port(), free_port()
     services = ServiceProcesses(
         env=env, inference_port=inf_port, compositing_port=comp_port, quiet=True

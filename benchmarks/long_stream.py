@@ -22,6 +22,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from benchmarks.bench_avatar import use_tiny_avatar
 from lipsync.core.windows import frames_of_samples
 from lipsync.launch import ServiceProcesses
 from lipsync.ports import free_port
@@ -52,14 +53,7 @@ def main() -> None:
     args = ap.parse_args()
     env = dict(os.environ, LIPSYNC_LOG_LEVEL="WARNING")
     if args.tiny:
-        import tempfile
-
-        from tests.avatar_factory import make_avatar
-
-        root = Path(tempfile.mkdtemp(prefix="long_stream_"))
-        make_avatar(root, "tiny", n_frames=7)
-        env["AVATARS_DIR"] = str(root)
-        args.model = "tiny"
+        args.model = use_tiny_avatar(env, "long_stream_")
     piece = speech_like(10.0, seed=1)
     clip = np.tile(piece, int(np.ceil(args.seconds / 10.0)))[: int(args.seconds * 16000)]
     clip = (clip * 32767).astype("<i2")

@@ -24,6 +24,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from benchmarks.bench_avatar import use_tiny_avatar
 from lipsync.launch import ServiceProcesses
 from lipsync.ports import free_port
 from lipsync.proto import compositing_pb2 as cpb
@@ -95,14 +96,7 @@ def main() -> None:
     args = ap.parse_args()
     env = dict(os.environ, LIPSYNC_LOG_LEVEL="WARNING")
     if args.tiny:
-        import tempfile
-
-        from tests.avatar_factory import make_avatar
-
-        root = Path(tempfile.mkdtemp(prefix="overload_"))
-        make_avatar(root, "tiny", n_frames=7)
-        env["AVATARS_DIR"] = str(root)
-        args.model = "tiny"
+        args.model = use_tiny_avatar(env, "overload_")
     results = {}
     for name, frames in (
         ("admission", args.capacity * args.batch),

@@ -30,9 +30,9 @@ from compositing_service.routing import connect_inference
 from compositing_service.streaming import StreamError, StreamSession, in_context_thread
 from lipsync import __version__
 from lipsync.admission import Admission, HealthWatcher, Overloaded, RateLimitedLog, set_health
-from lipsync.avatar_package import AvatarCatalog, AvatarError, UnknownModelError, check_model_id
+from lipsync.avatar_package import AvatarCatalog, AvatarError, check_model_id
 from lipsync.config import Config
-from lipsync.core.audio import AudioError, decode_pcm
+from lipsync.core.audio import decode_pcm
 from lipsync.core.tensors import VISUAL_BYTES
 from lipsync.limits import (
     RequestError,
@@ -48,8 +48,8 @@ from lipsync.rpc.errors import rpc_error_message
 from lipsync.rpc.messages import audio_encoding
 from lipsync.rpc.observe import Observability, note_status
 from lipsync.rpc.serve import RunningService, add_health, bind, create_server
+from lipsync.rpc.status import abort, domain_status
 from lipsync.rpc.tls import serve_health_port
-from lipsync.store import CapacityError
 
 log = logging.getLogger(__name__)
 
@@ -91,18 +91,13 @@ class CompositingServicer(cpb_grpc.CompositingServiceServicer):
     # -- errors: one mapping for every RPC ---------------------------------------------
     def status_of(self, exc: BaseException) -> tuple[grpc.StatusCode, str]:
         """The status code and message a caller gets for `exc`."""
-        if isinstance(exc, RequestError | StreamError | AudioError):
+        status = domain_status(exc)
+        if status is not None:
+            return status
+        if isinstance(exc, StreamError):
             return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-        if isinstance(exc, UnknownModelError):
-            return grpc.StatusCode.NOT_FOUND, str(exc)
         if isinstance(exc, AvatarError):
             return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
-        if isinstance(exc, CapacityError):
-            return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
-        if isinstance(exc, Overloaded):
-            return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
-        if isinstance(exc, MemoryError):
-            return grpc.StatusCode.RESOURCE_EXHAUSTED, "out of memory"
         if isinstance(exc, DeadlineError):
             return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
         if isinstance(exc, CallerGone):
@@ -116,11 +111,9 @@ class CompositingServicer(cpb_grpc.CompositingServiceServicer):
 
     def _abort(self, context: grpc.ServicerContext, exc: BaseException) -> None:
         code, message = self.status_of(exc)
-        if isinstance(exc, Overloaded):
-            context.set_trailing_metadata(exc.trailing_metadata())
-        else:  # expected errors: one line, no traceback (the access log has the call)
-            log.debug("%s: %s", code.name, message)
-        context.abort(code, message)
+        if not isinstance(exc, Overloaded):  # expected errors: one line, no traceback
+            log.debug("%s: %s", code.name, message)  # (the access log has the call)
+        abort(context, exc, code, message)
 
     # -- InferBatchComposite ------------------------------------------------------------
     def batch_request(self, req: cpb.CompositeBatchRequest) -> BatchRequest:

@@ -16,10 +16,10 @@ from inference_service.engine import InferenceEngine
 from inference_service.observe import observe_engine, unobserve_engine
 from inference_service.sessions import NetworkSignatureError
 from lipsync import __version__
-from lipsync.admission import Admission, Overloaded, RateLimitedLog
-from lipsync.avatar_package import AvatarError, UnknownModelError, check_model_id
+from lipsync.admission import Admission, RateLimitedLog
+from lipsync.avatar_package import AvatarError, check_model_id
 from lipsync.config import Config
-from lipsync.core.audio import AudioError, decode_pcm
+from lipsync.core.audio import decode_pcm
 from lipsync.core.tensors import FACE_CROP_BYTES, VISUAL_BYTES
 from lipsync.core.visual import mouth_to_uint8
 from lipsync.limits import (
@@ -36,8 +36,8 @@ from lipsync.rpc.infer_wire import InferReply, add_inference_servicer
 from lipsync.rpc.messages import audio_encoding
 from lipsync.rpc.observe import Observability
 from lipsync.rpc.serve import RunningService, add_health, bind, create_server
+from lipsync.rpc.status import abort, domain_status
 from lipsync.rpc.tls import serve_health_port, server_credentials_of
-from lipsync.store import CapacityError
 
 log = logging.getLogger(__name__)
 
@@ -142,24 +142,19 @@ class InferenceServicer(ipb_grpc.InferenceServiceServicer):
         """Run fn; map expected errors to status codes, log unexpected ones."""
         try:
             return fn(*args)
-        except UnknownModelError as exc:
-            context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-        except (RequestError, AudioError) as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except CapacityError as exc:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except Overloaded as exc:
-            context.set_trailing_metadata(exc.trailing_metadata())
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except Expired as exc:
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
-        except (AvatarError, NetworkSignatureError, FileNotFoundError) as exc:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"model cannot be loaded: {exc}")
-        except MemoryError:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "out of memory")
         except Exception as exc:
-            self._internal_errors.error("internal error", exc)  # traceback, rate-limited
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+            abort(context, exc, *self._status_of(exc))
+
+    def _status_of(self, exc: BaseException) -> tuple[grpc.StatusCode, str]:
+        status = domain_status(exc)
+        if status is not None:
+            return status
+        if isinstance(exc, Expired):
+            return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
+        if isinstance(exc, AvatarError | NetworkSignatureError | FileNotFoundError):
+            return grpc.StatusCode.FAILED_PRECONDITION, f"model cannot be loaded: {exc}"
+        self._internal_errors.error("internal error", exc)  # traceback, rate-limited
+        return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
 
     # -- RPCs --------------------------------------------------------------------------
     def Infer(self, request, context):

@@ -7,9 +7,6 @@ beside the `lipsync` package both in the source tree (where `make setup` generat
 stubs) and in site-packages (where an installed wheel put them: setup.py generates them
 at build time). This module puts that folder on `sys.path` once and re-exports the
 modules; after `import lipsync.proto`, `import compositing_pb2` works too.
-
-`common_pb2` (shared_proto/common.proto, messages both services use) is None where the
-stubs were generated before that file existed.
 """
 
 from __future__ import annotations
@@ -17,7 +14,6 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
-from types import ModuleType
 
 
 def _find_proto_dir() -> Path:
@@ -39,6 +35,7 @@ if str(PROTO_DIR) not in sys.path:
     sys.path.insert(0, str(PROTO_DIR))
 
 try:
+    import common_pb2  # messages both APIs use; compositing_pb2 re-exports them
     import compositing_pb2
     import compositing_pb2_grpc
     import inference_pb2
@@ -48,12 +45,6 @@ except ImportError as exc:  # pragma: no cover - only before `make setup`
         f"generated protocol stubs are missing in {PROTO_DIR}: run `make setup` "
         f"(or `python scripts/gen_proto.py`), or install the package ({exc})"
     ) from exc
-
-common_pb2: ModuleType | None
-if (PROTO_DIR / "common_pb2.py").is_file():
-    import common_pb2
-else:  # pragma: no cover - stubs generated before common.proto existed
-    common_pb2 = None
 
 __all__ = [
     "PROTO_DIR",

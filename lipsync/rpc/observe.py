@@ -192,7 +192,9 @@ class ServerObserver(grpc.ServerInterceptor):
             k: v for k, v in (handler_call_details.invocation_metadata or ()) if isinstance(v, str)
         }
         if handler.unary_unary is not None:
-            return handler._replace(unary_unary=self._unary(handler.unary_unary, method, metadata))
+            return handler._replace(
+                unary_unary=self._single_response(handler.unary_unary, method, metadata, False)
+            )
         if handler.unary_stream is not None:
             behavior = handler.unary_stream
             return handler._replace(
@@ -200,34 +202,24 @@ class ServerObserver(grpc.ServerInterceptor):
             )
         if handler.stream_unary is not None:
             return handler._replace(
-                stream_unary=self._stream_in(handler.stream_unary, method, metadata)
+                stream_unary=self._single_response(handler.stream_unary, method, metadata, True)
             )
         return handler._replace(
             stream_stream=self._streaming(handler.stream_stream, method, metadata, True)
         )
 
-    def _unary(self, behavior, method: str, metadata: dict[str, str]):  # type: ignore[no-untyped-def]
+    def _single_response(self, behavior, method: str, metadata: dict[str, str], stream_in: bool):  # type: ignore[no-untyped-def]
+        """A call with one response: its request is seen whole (unary) or as it streams."""
+
         def wrapped(request, context):  # type: ignore[no-untyped-def]
             call = _Call(self, method, metadata)
             call.begin()
             try:
-                call.request(request)
+                if stream_in:
+                    request = _requests(request, call)
+                else:
+                    call.request(request)
                 response = behavior(request, context)
-                call.response(response)
-            except BaseException as exc:
-                call.finish(_context_code(context), exc)
-                raise
-            call.finish(_context_code(context))
-            return response
-
-        return wrapped
-
-    def _stream_in(self, behavior, method: str, metadata: dict[str, str]):  # type: ignore[no-untyped-def]
-        def wrapped(request_iterator, context):  # type: ignore[no-untyped-def]
-            call = _Call(self, method, metadata)
-            call.begin()
-            try:
-                response = behavior(_requests(request_iterator, call), context)
                 call.response(response)
             except BaseException as exc:
                 call.finish(_context_code(context), exc)
