@@ -36,7 +36,7 @@ $(STUBS) &: $(PROTOS) scripts/gen_proto.py $(VENV)/.installed-$(ORT_EXTRA)
 setup: $(VENV)/.installed-$(ORT_EXTRA) $(STUBS)
 
 run: setup
-	$(PY) -m lipsync.launch
+	$(PY) -m lipsync.local.launch
 
 test: setup
 	$(VENV)/bin/ruff check .
@@ -46,7 +46,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 demo: setup
-	$(PY) -m lipsync.demo
+	$(PY) -m lipsync.local.demo
 
 # PyTorch (the `convert` extra) runs the reference script's way beside ours.
 bench: setup

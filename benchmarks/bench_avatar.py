@@ -8,7 +8,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from lipsync.avatar_package import (
+from lipsync.avatars.nets import build_reference_audio_encoder, build_reference_unet, save_model
+from lipsync.avatars.package import (
     AUDIO_ENCODER_FILE,
     MANIFEST_NAME,
     UNET_FILE,
@@ -16,7 +17,6 @@ from lipsync.avatar_package import (
     write_frames,
     write_manifest,
 )
-from lipsync.nets import build_reference_audio_encoder, build_reference_unet, save_model
 
 NAME = "bench"
 

@@ -1,7 +1,7 @@
 """The inference service killed (SIGKILL) and restarted under traffic (docs/RELIABILITY.md,
 issue 10 item 5).
 
-Both services run as subprocesses (`lipsync.launch.ServiceProcesses`). A client sends
+Both services run as subprocesses (`lipsync.local.launch.ServiceProcesses`). A client sends
 small InferBatchComposite requests back to back (deadline `--timeout`) while an offline
 stream renders a clip; the inference service is killed, kept down `--down` seconds, and
 started again. Reported: when the compositing service's readiness
@@ -30,11 +30,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from benchmarks.bench_avatar import use_tiny_avatar
 from lipsync.core.windows import frames_of_samples
-from lipsync.launch import ServiceProcesses
-from lipsync.ports import free_port
+from lipsync.local.launch import ServiceProcesses
+from lipsync.local.ports import free_port
+from lipsync.local.speech_signal import speech_like
 from lipsync.proto import compositing_pb2 as cpb
 from lipsync.proto import compositing_pb2_grpc as cpb_grpc
-from lipsync.signals import speech_like
 
 
 def status(stub, service: str) -> int:

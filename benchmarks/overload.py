@@ -25,11 +25,11 @@ import grpc
 import numpy as np
 
 from benchmarks.bench_avatar import use_tiny_avatar
-from lipsync.launch import ServiceProcesses
-from lipsync.ports import free_port
+from lipsync.local.launch import ServiceProcesses
+from lipsync.local.ports import free_port
+from lipsync.local.speech_signal import speech_like
 from lipsync.proto import compositing_pb2 as cpb
 from lipsync.proto import compositing_pb2_grpc as cpb_grpc
-from lipsync.signals import speech_like
 
 
 def phase(address: str, model: str, clients: int, seconds: float, batch: int, timeout: float):

@@ -34,11 +34,11 @@ from inference_service.sessions import SessionOptions, UNetBinding, create_sessi
 from lipsync.config import load_config
 from lipsync.core import audio, mel, windows
 from lipsync.core.visual import face_crop, inner, mouth_to_uint8, paste_back, visual_input
-from lipsync.launch import ServiceProcesses
-from lipsync.ports import free_port
+from lipsync.local.launch import ServiceProcesses
+from lipsync.local.ports import free_port
+from lipsync.local.speech_signal import speech_like
 from lipsync.proto import compositing_pb2 as cpb
 from lipsync.proto import compositing_pb2_grpc as cpb_grpc
-from lipsync.signals import speech_like
 
 OUT = Path("out")
 
@@ -177,8 +177,8 @@ def _torch_unet(gpu: bool) -> Callable[[np.ndarray, np.ndarray], np.ndarray] | N
     try:
         import torch
 
-        from lipsync.nets import KIND_UNET, random_reference_state_dict
-        from lipsync.nets.torch_nets import ReferenceUNet
+        from lipsync.avatars.nets import KIND_UNET, random_reference_state_dict
+        from lipsync.avatars.nets.torch_nets import ReferenceUNet
     except ImportError:
         return None
     device = "cuda" if gpu and torch.cuda.is_available() else "cpu"

@@ -15,7 +15,7 @@ holding the avatar, what a SIGKILL of a replica costs, how soon a new replica ge
 
 `avatars`: `--count` avatars (the demo avatar's 75 JPEG frames of 512x512 and tiny test
 networks, hard-linked so the disk holds one copy) behind two real inference replicas and
-one compositing service (`lipsync.launch.ServiceProcesses`, CPU): startup time and
+one compositing service (`lipsync.local.launch.ServiceProcesses`, CPU): startup time and
 memory, ListModels and catalog rescan with every avatar, cold first-frame latency,
 memory per held avatar, churn over every avatar.
 
@@ -43,7 +43,7 @@ import grpc
 from compositing_service.endpoints import Target
 from compositing_service.routing import RoutedInferenceClient, RoutingPolicy
 from lipsync.core.tensors import BLOCK_BYTES, INNER
-from lipsync.ports import free_port
+from lipsync.local.ports import free_port
 from lipsync.proto import common_pb2 as common
 from lipsync.proto import inference_pb2 as ipb
 from lipsync.proto import inference_pb2_grpc as ipb_grpc
@@ -509,7 +509,7 @@ def routing_main(args) -> dict:
 def build_avatars(root: Path, count: int, template_avatar: Path) -> float:
     """`count` avatars: the frames and crop rects of `template_avatar` and tiny test
     networks, all hard links to one copy; only each manifest (its name) differs."""
-    from lipsync.avatar_package import AUDIO_ENCODER_FILE, UNET_FILE, write_manifest
+    from lipsync.avatars.package import AUDIO_ENCODER_FILE, UNET_FILE, write_manifest
     from tests.onnx_models import build_test_encoder, build_test_unet
 
     t0 = time.perf_counter()
@@ -546,8 +546,8 @@ def pct(xs: list[float], q: float) -> float:
 
 def avatars_main(args) -> dict:
     from compositing_service.frames import FrameStore, decode_image
-    from lipsync.avatar_package import AvatarCatalog
-    from lipsync.launch import ServiceProcesses
+    from lipsync.avatars.package import AvatarCatalog
+    from lipsync.local.launch import ServiceProcesses
     from lipsync.proto import compositing_pb2 as cpb
     from lipsync.proto import compositing_pb2_grpc as cpb_grpc
     from tests.avatar_factory import speech_like

@@ -27,11 +27,11 @@ import numpy as np
 
 from benchmarks.run import cpu_name
 from lipsync.core import lookahead
-from lipsync.launch import ServiceProcesses
-from lipsync.ports import free_port
+from lipsync.local.launch import ServiceProcesses
+from lipsync.local.ports import free_port
+from lipsync.local.speech_signal import speech_like
 from lipsync.proto import compositing_pb2 as cpb
 from lipsync.proto import compositing_pb2_grpc as cpb_grpc
-from lipsync.signals import speech_like
 
 CHUNK = 320  # 20 ms at 16 kHz
 LOOKAHEAD_MS = max(lookahead.samples_needed(i) / 16 - 40 * i for i in range(100))

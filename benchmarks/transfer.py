@@ -21,7 +21,7 @@ import numpy as np
 from compositing_service.inference_client import TRANSFER_TYPES, InferenceClient
 from inference_service.servicer import encode_mouths
 from lipsync.core.tensors import FACE_CROP_BYTES
-from lipsync.ports import free_port
+from lipsync.local.ports import free_port
 from lipsync.proto import inference_pb2 as ipb
 from lipsync.proto import inference_pb2_grpc as ipb_grpc
 from lipsync.rpc.channel import wait_healthy

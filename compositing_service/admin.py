@@ -12,7 +12,7 @@ import grpc
 from compositing_service.frames import FrameStore
 from compositing_service.inference_client import InferenceClient
 from lipsync import __version__
-from lipsync.avatar_package import AvatarCatalog, check_model_id
+from lipsync.avatars.package import AvatarCatalog, check_model_id
 from lipsync.proto import common_pb2 as common
 from lipsync.proto import compositing_pb2 as cpb
 

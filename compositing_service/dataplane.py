@@ -121,7 +121,7 @@ class BatchDataplane:
 
     def _submit(self, *args):  # type: ignore[no-untyped-def]
         """`_infer_chunk` in the pool, in a copy of this call's context (its request id
-        and trace span travel to the inference call: lipsync.rpc.observe)."""
+        and trace span travel to the inference call: lipsync.serving.observability)."""
         return self._pool.submit(contextvars.copy_context().run, self._infer_chunk, *args)
 
     @staticmethod

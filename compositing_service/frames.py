@@ -1,5 +1,5 @@
 """The frames store: each avatar's background frames and crop rects (a
-`lipsync.store.BoundedStore`: bounded by `compositing.frame_cache` max_avatars and
+`lipsync.serving.store.BoundedStore`: bounded by `compositing.frame_cache` max_avatars and
 max_bytes, LRU; avatars load on first use or at start from the preload list, each once
 even under concurrent first requests).
 
@@ -29,14 +29,14 @@ import cv2
 import numpy as np
 
 from compositing_service.jpeg import EncodedFrame, JpegEncoder
-from lipsync.avatar_package import (
+from lipsync.avatars.package import (
     AvatarCatalog,
     AvatarError,
     check_frame_header,
     check_rects_fit,
     image_size,
 )
-from lipsync.store import BoundedStore
+from lipsync.serving.store import BoundedStore
 
 log = logging.getLogger(__name__)
 

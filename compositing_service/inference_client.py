@@ -72,7 +72,7 @@ class ClipAudio:
 
 
 def _retry_after_ms(exc: grpc.RpcError) -> int | None:
-    """The `retry-after-ms` hint of a RESOURCE_EXHAUSTED refusal (lipsync.admission), or
+    """The `retry-after-ms` hint of a RESOURCE_EXHAUSTED refusal (lipsync.serving.admission), or
     None (another code, or no hint: e.g. a model that does not fit is not retried)."""
     try:
         if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:  # type: ignore[attr-defined]

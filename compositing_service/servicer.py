@@ -18,38 +18,44 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 
-from compositing_service import security
+from compositing_service import rpc_policies
 from compositing_service.admin import ModelAdmin
 from compositing_service.compositor import Compositor
 from compositing_service.dataplane import BatchDataplane, BatchRequest, CallerGone
 from compositing_service.endpoints import is_multi_target
 from compositing_service.frames import FrameStore
 from compositing_service.inference_client import DeadlineError, InferenceClient
-from compositing_service.observe import observe_frames, pace_events
 from compositing_service.routing import connect_inference
+from compositing_service.service_metrics import observe_frames, pace_events
 from compositing_service.streaming import StreamError, StreamSession, in_context_thread
 from lipsync import __version__
-from lipsync.admission import Admission, HealthWatcher, Overloaded, RateLimitedLog, set_health
-from lipsync.avatar_package import AvatarCatalog, AvatarError, check_model_id
+from lipsync.avatars.package import AvatarCatalog, AvatarError, check_model_id
 from lipsync.config import Config
 from lipsync.core.audio import decode_pcm
 from lipsync.core.tensors import VISUAL_BYTES
-from lipsync.limits import (
+from lipsync.proto import compositing_pb2 as cpb
+from lipsync.proto import compositing_pb2_grpc as cpb_grpc
+from lipsync.rpc.errors import rpc_error_message
+from lipsync.rpc.messages import audio_encoding
+from lipsync.rpc.serve import RunningService, add_health, bind, create_server
+from lipsync.rpc.status import abort, domain_status
+from lipsync.rpc.tls import serve_health_port
+from lipsync.serving.admission import (
+    Admission,
+    HealthWatcher,
+    Overloaded,
+    RateLimitedLog,
+    set_health,
+)
+from lipsync.serving.metrics import ServiceMetrics
+from lipsync.serving.observability import Observability, note_status
+from lipsync.serving.request_checks import (
     RequestError,
     check_batch_size,
     check_clip_frame_offset,
     check_feature_bytes,
     check_tensor_bytes,
 )
-from lipsync.metrics import ServiceMetrics
-from lipsync.proto import compositing_pb2 as cpb
-from lipsync.proto import compositing_pb2_grpc as cpb_grpc
-from lipsync.rpc.errors import rpc_error_message
-from lipsync.rpc.messages import audio_encoding
-from lipsync.rpc.observe import Observability, note_status
-from lipsync.rpc.serve import RunningService, add_health, bind, create_server
-from lipsync.rpc.status import abort, domain_status
-from lipsync.rpc.tls import serve_health_port
 
 log = logging.getLogger(__name__)
 
@@ -324,7 +330,7 @@ def start(cfg: Config, port: int | None = None, preload: bool = True) -> Running
             cfg.limits.max_message_bytes,
             c.inference_timeout_s,
             c.transfer_dtype,
-            security.inference_credentials(cfg),
+            rpc_policies.inference_credentials(cfg),
             interceptors=[obs.client_interceptor],
             retry_s=retry_s,
         ),
@@ -347,14 +353,15 @@ def start(cfg: Config, port: int | None = None, preload: bool = True) -> Running
     server = create_server(
         threads,
         cfg.limits.max_message_bytes,
-        interceptors=[*obs.interceptors, *security.interceptors(cfg)],
+        interceptors=[*obs.interceptors, *rpc_policies.interceptors(cfg)],
         maximum_concurrent_rpcs=threads + c.max_workers,
     )
     cpb_grpc.add_CompositingServiceServicer_to_server(servicer, server)
     health_servicer = add_health(server, [SERVICE_NAME])
     obs.attach(server, [SERVICE_NAME])
     observe_frames(obs, frames, health_servicer)
-    bound = bind(server, c.host, c.port if port is None else port, security.server_credentials(cfg))
+    port = c.port if port is None else port
+    bound = bind(server, c.host, port, rpc_policies.server_credentials(cfg))
     server.start()
     obs.serve()
     health_port = serve_health_port(health_servicer, c.host, c.tls.health_port)

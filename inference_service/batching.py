@@ -110,7 +110,7 @@ class DynamicBatcher:
         self._queue: deque[_Item] = deque()
         self._worker: threading.Thread | None = None
         self.stats = BatcherStats()
-        # Called with a BatchRun after each run (lipsync.metrics / lipsync.tracing).
+        # Called with a BatchRun after each run (lipsync.serving.metrics / lipsync.serving.tracing).
         self.events: Callable[[BatchRun], None] | None = None
 
     def __call__(self, *arrays: np.ndarray) -> np.ndarray:

@@ -20,11 +20,11 @@ from inference_service.memory import LoadMeter
 from inference_service.networks import AudioEncoder, AvatarNetworks, BatchPolicy, load_networks
 from inference_service.registry import ModelRegistry
 from inference_service.sessions import SessionOptions
-from lipsync.avatar_package import AvatarCatalog
+from lipsync.avatars.package import AvatarCatalog
 from lipsync.config import Config
 from lipsync.core import audio, lookahead, mel, windows
 from lipsync.core.visual import visual_input
-from lipsync.limits import RequestError
+from lipsync.serving.request_checks import RequestError
 
 log = logging.getLogger(__name__)
 

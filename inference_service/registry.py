@@ -1,4 +1,4 @@
-"""Model registry: which avatars' networks are in memory (a `lipsync.store.BoundedStore`
+"""Model registry: which avatars' networks are in memory (a `lipsync.serving.store.BoundedStore`
 of loaded networks, bounded by `inference.registry` max_models / max_bytes, LRU or LFU,
 idle unload), plus per-model usage counters that outlive unloads (GetModelStats)."""
 
@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from lipsync.store import BoundedStore, CapacityError, Entry, V
+from lipsync.serving.store import BoundedStore, CapacityError, Entry, V
 
 __all__ = ["CapacityError", "ModelRegistry", "RegistrySnapshot", "UsageStats"]
 

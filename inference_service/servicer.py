@@ -13,31 +13,31 @@ from grpc_health.v1 import health_pb2
 
 from inference_service.batching import CallerScope, Expired, caller_scope
 from inference_service.engine import InferenceEngine
-from inference_service.observe import observe_engine, unobserve_engine
+from inference_service.service_metrics import observe_engine, unobserve_engine
 from inference_service.sessions import NetworkSignatureError
 from lipsync import __version__
-from lipsync.admission import Admission, RateLimitedLog
-from lipsync.avatar_package import AvatarError, check_model_id
+from lipsync.avatars.package import AvatarError, check_model_id
 from lipsync.config import Config
 from lipsync.core.audio import decode_pcm
 from lipsync.core.tensors import FACE_CROP_BYTES, VISUAL_BYTES
 from lipsync.core.visual import mouth_to_uint8
-from lipsync.limits import (
+from lipsync.proto import common_pb2 as common
+from lipsync.proto import inference_pb2 as ipb
+from lipsync.proto import inference_pb2_grpc as ipb_grpc
+from lipsync.rpc.infer_wire import InferReply, add_inference_servicer
+from lipsync.rpc.messages import audio_encoding
+from lipsync.rpc.serve import RunningService, add_health, bind, create_server
+from lipsync.rpc.status import abort, domain_status
+from lipsync.rpc.tls import serve_health_port, server_credentials_of
+from lipsync.serving.admission import Admission, RateLimitedLog
+from lipsync.serving.observability import Observability
+from lipsync.serving.request_checks import (
     RequestError,
     check_batch_size,
     check_clip_frame_offset,
     check_feature_bytes,
     check_tensor_bytes,
 )
-from lipsync.proto import common_pb2 as common
-from lipsync.proto import inference_pb2 as ipb
-from lipsync.proto import inference_pb2_grpc as ipb_grpc
-from lipsync.rpc.infer_wire import InferReply, add_inference_servicer
-from lipsync.rpc.messages import audio_encoding
-from lipsync.rpc.observe import Observability
-from lipsync.rpc.serve import RunningService, add_health, bind, create_server
-from lipsync.rpc.status import abort, domain_status
-from lipsync.rpc.tls import serve_health_port, server_credentials_of
 
 log = logging.getLogger(__name__)
 

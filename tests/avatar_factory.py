@@ -7,14 +7,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from lipsync.avatar_package import (
+from lipsync.avatars.package import (
     AUDIO_ENCODER_FILE,
     UNET_FILE,
     write_crop_rects,
     write_frames,
     write_manifest,
 )
-from lipsync.signals import speech_like
+from lipsync.local.speech_signal import speech_like
 from tests.onnx_models import build_test_encoder, build_test_unet
 
 __all__ = ["make_avatar", "make_frames", "make_rects", "speech_like"]

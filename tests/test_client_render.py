@@ -1,4 +1,4 @@
-"""The Python client (`lipsync.client`), the MP4/JPEG writers (`lipsync.media`), the
+"""The Python client (`lipsync.client`), the MP4/JPEG writers (`lipsync.client.media`), the
 `lipsync-render` CLI and the demo, against both services on ephemeral ports."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import soundfile as sf
 
 from lipsync.cli import render as render_cli
 from lipsync.client import LipsyncClient, LipsyncError, clip_frames, load_audio, to_pcm16
+from lipsync.client.media import MediaError, probe, write_jpeg_folder, write_mp4
 from lipsync.core.windows import clip_frame_count
-from lipsync.media import MediaError, probe, write_jpeg_folder, write_mp4
-from lipsync.ports import free_port
+from lipsync.local.ports import free_port
 from tests import reference_impl as ref
 from tests.avatar_factory import speech_like
 from tests.oracle import decode_jpeg
@@ -182,7 +182,7 @@ def test_load_audio_flac(tmp_path, clip):
 def test_load_audio_mp3(tmp_path, clip_wav):
     import subprocess
 
-    from lipsync.media import ffmpeg_exe
+    from lipsync.client.media import ffmpeg_exe
 
     mp3 = tmp_path / "clip.mp3"
     subprocess.run(
@@ -345,7 +345,7 @@ def test_cli_expected_errors(services, clip_wav, tmp_path, capsys, case, needle)
 
 # -- demo -----------------------------------------------------------------------------------
 def test_demo_pick_ports_avoids_busy_ones():
-    from lipsync.ports import pick_ports, port_free
+    from lipsync.local.ports import pick_ports, port_free
 
     with socket.socket() as busy:
         busy.bind(("", 0))
@@ -357,8 +357,8 @@ def test_demo_pick_ports_avoids_busy_ones():
 
 
 def test_demo_end_to_end(avatars_root, tmp_path, monkeypatch, capsys):
-    """`python -m lipsync.demo` with the synthetic avatar: child services, render, stop."""
-    from lipsync import demo
+    """`python -m lipsync.local.demo` with the synthetic avatar: child services, render, stop."""
+    from lipsync.local import demo
 
     monkeypatch.delenv("LIPSYNC_CONFIG", raising=False)
     monkeypatch.setenv("AVATARS_DIR", str(avatars_root))
@@ -379,7 +379,7 @@ def test_demo_end_to_end(avatars_root, tmp_path, monkeypatch, capsys):
 
 
 def test_demo_missing_avatar_is_a_clear_error(avatars_root, tmp_path, monkeypatch, capsys):
-    from lipsync import demo
+    from lipsync.local import demo
 
     monkeypatch.delenv("LIPSYNC_CONFIG", raising=False)
     monkeypatch.setenv("AVATARS_DIR", str(avatars_root))

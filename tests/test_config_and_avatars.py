@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lipsync.avatar_package import (
+from lipsync.avatars.package import (
     AvatarCatalog,
     AvatarError,
     UnknownModelError,

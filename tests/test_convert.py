@@ -14,20 +14,20 @@ torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 cv2 = pytest.importorskip("cv2")
 
-from lipsync import convert as convert_module  # noqa: E402
-from lipsync import synctalk_import  # noqa: E402
-from lipsync.avatar_package import load_manifest  # noqa: E402
-from lipsync.cli.avatar import main  # noqa: E402
-from lipsync.convert import (  # noqa: E402
+from lipsync.avatars import convert as convert_module  # noqa: E402
+from lipsync.avatars import synctalk_import  # noqa: E402
+from lipsync.avatars.convert import (  # noqa: E402
     CheckpointError,
     MissingDependencyError,
     VerificationError,
     convert_checkpoints,
     load_state_dict,
 )
-from lipsync.nets import onnx_builder as ob  # noqa: E402
-from lipsync.nets import torch_nets  # noqa: E402
-from lipsync.synctalk_import import DatasetError, import_synctalk  # noqa: E402
+from lipsync.avatars.nets import onnx_builder as ob  # noqa: E402
+from lipsync.avatars.nets import torch_nets  # noqa: E402
+from lipsync.avatars.package import load_manifest  # noqa: E402
+from lipsync.avatars.synctalk_import import DatasetError, import_synctalk  # noqa: E402
+from lipsync.cli.avatar import main  # noqa: E402
 from tests.test_nets_onnx import reference_table  # noqa: E402
 
 VERIFIED = "verified: ONNX Runtime matches PyTorch within 1e-4"

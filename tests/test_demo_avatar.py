@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from lipsync.avatar_package import load_manifest
+from lipsync.avatars.package import load_manifest
 from lipsync.client import LipsyncClient, load_audio
 from lipsync.core.timeline import pingpong
 from tests.conftest import service_config, start_services, stop_services

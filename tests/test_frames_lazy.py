@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 
 from compositing_service.frames import DecodedFrames, FrameStore
-from lipsync.avatar_package import AvatarCatalog, image_size
+from lipsync.avatars.package import AvatarCatalog, image_size
 from tests.avatar_factory import make_avatar
 
 
@@ -57,7 +57,7 @@ def test_an_oversized_frame_is_refused_from_its_header_at_load(tmp_path):
     when the avatar loads, before any frame is decoded; the other avatars keep loading."""
     import pytest
 
-    from lipsync.avatar_package import AvatarError
+    from lipsync.avatars.package import AvatarError
 
     folder = make_avatar(tmp_path, "bomb", n_frames=3, width=64, height=64, seed=3)
     ok, data = cv2.imencode(".png", np.zeros((5000, 5000, 3), np.uint8))

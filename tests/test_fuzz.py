@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from lipsync.ports import free_port
+from lipsync.local.ports import free_port
 from lipsync.proto import common_pb2 as common
 from lipsync.proto import compositing_pb2 as cpb
 from lipsync.proto import inference_pb2 as ipb

@@ -20,8 +20,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from compositing_service.inference_client import InferenceClient
-from lipsync.admission import Admission, Overloaded
-from lipsync.avatar_package import (
+from lipsync.avatars.package import (
     AvatarCatalog,
     AvatarError,
     UnknownModelError,
@@ -30,9 +29,10 @@ from lipsync.avatar_package import (
     load_manifest,
 )
 from lipsync.core import lookahead, windows
-from lipsync.ports import free_port
+from lipsync.local.ports import free_port
 from lipsync.proto import compositing_pb2 as cpb
 from lipsync.proto import compositing_pb2_grpc as cpb_grpc
+from lipsync.serving.admission import Admission, Overloaded
 from tests.avatar_factory import make_avatar, speech_like
 from tests.oracle import Oracle, decode_jpeg, jpeg_roundtrip, psnr
 

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 
-from lipsync.nets import onnx_builder as ob
+from lipsync.avatars.nets import onnx_builder as ob
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -218,11 +218,12 @@ def test_reference_audio_encoder_convenience_builder() -> None:
 def test_builder_and_tools_import_without_torch() -> None:
     code = (
         "import sys; sys.modules['torch'] = None\n"
-        "import lipsync.nets, lipsync.convert, lipsync.synctalk_import, lipsync.cli.avatar\n"
-        "from lipsync.nets import build_reference_audio_encoder\n"
+        "import lipsync.avatars.nets, lipsync.avatars.convert\n"
+        "import lipsync.avatars.synctalk_import, lipsync.cli.avatar\n"
+        "from lipsync.avatars.nets import build_reference_audio_encoder\n"
         "build_reference_audio_encoder(0)\n"
         "try:\n"
-        "    import lipsync.nets.torch_nets\n"
+        "    import lipsync.avatars.nets.torch_nets\n"
         "except ImportError:\n"
         "    print('ok')\n"
     )

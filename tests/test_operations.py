@@ -26,7 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from lipsync.config import load_config
-from lipsync.ports import free_port
+from lipsync.local.ports import free_port
 from lipsync.proto import compositing_pb2 as cpb
 from lipsync.proto import compositing_pb2_grpc as cpb_grpc
 from tests.avatar_factory import speech_like
@@ -739,7 +739,7 @@ def test_json_formatter_one_object_per_line_with_ids():
     import io
     import logging
 
-    from lipsync.logs import JsonFormatter, call_ids
+    from lipsync.serving.logs import JsonFormatter, call_ids
 
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
@@ -814,13 +814,13 @@ def test_compose_monitoring_file():
 
 def test_realtime_late_and_skipped_frames_are_counted_by_the_pacer():
     """The realtime pacer counts where it paces (its events feed the service's counters
-    through compositing_service.observe.pace_events); the interceptor infers nothing from
+    through compositing_service.service_metrics.pace_events); the interceptor infers nothing from
     the frames it sees (it counts them, no more)."""
-    from compositing_service.observe import pace_events
+    from compositing_service.service_metrics import pace_events
     from compositing_service.streaming.output import FrameMessages, RealtimePacer
     from compositing_service.streaming.schedule import Schedule
-    from lipsync.metrics import ServiceMetrics
-    from lipsync.rpc import observe
+    from lipsync.serving import observability as observe
+    from lipsync.serving.metrics import ServiceMetrics
 
     m = ServiceMetrics("compositing")
     now = [10.0]

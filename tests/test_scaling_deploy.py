@@ -1,7 +1,7 @@
 """The multi-replica deployment files (docs/SCALING.md): the multi-gpu overlay renders and
 passes strict schema validation like the other overlays, with a headless Service the
 compositing service resolves; the multi-GPU compose file gives each replica its own GPU;
-`lipsync.launch --inference-replicas` gives each replica its own device and ports."""
+`lipsync.local.launch --inference-replicas` gives each replica its own device and ports."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import yaml
 
 from compositing_service.endpoints import parse_targets
 from lipsync.config import load_config
-from lipsync.replicas import inference_address, replica_env, replica_ports
+from lipsync.local.replica_env import inference_address, replica_env, replica_ports
 from tests.docker.manifests import REPO, render_text
 from tests.test_deploy_files import kubernetes_validate, needs_kubectl
 

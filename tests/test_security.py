@@ -1,6 +1,6 @@
 """Who may call (docs/SECURITY.md): TLS on the client port, mutual TLS between the
 services, API keys with scopes and limits, the gateway's Origin check. Real TLS over real
-sockets, with certificates made here (lipsync.devcerts, the `cryptography` package)."""
+sockets, with certificates made here (lipsync.local.devcerts, the `cryptography` package)."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lipsync.cli import admin as admin_cli
 from lipsync.client import LipsyncClient, LipsyncError
-from lipsync.devcerts import LOOPBACK, Issued, issue, make_ca
-from lipsync.ports import free_port
+from lipsync.local.devcerts import LOOPBACK, Issued, issue, make_ca
+from lipsync.local.ports import free_port
 from lipsync.proto import common_pb2 as common
 from lipsync.proto import compositing_pb2 as cpb
 from lipsync.proto import compositing_pb2_grpc as cpb_grpc

@@ -29,8 +29,8 @@ from compositing_service.streaming.schedule import Schedule
 from lipsync.config import StreamConfig
 from lipsync.core import audio, lookahead, windows
 from lipsync.core.timeline import pingpong
-from lipsync.logs import call_ids, current_ids
 from lipsync.proto import compositing_pb2 as cpb
+from lipsync.serving.logs import call_ids, current_ids
 from tests.avatar_factory import speech_like
 
 FPS = 25

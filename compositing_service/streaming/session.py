@@ -18,7 +18,7 @@ planner and the output stage must see). Control travels as events:
 
 The producer and compositor threads run in a copy of the context `frames` is called in
 (and the servicer starts the reader thread so too): the RPC's log ids (request and stream
-id, lipsync.logs) tag their log lines, and with tracing on the stream's inference calls
+id, lipsync.serving.logs) tag their log lines, and with tracing on the stream's inference calls
 are children of the stream's span. A realtime stream's pacer reports its skipped slots and
 late frames to `on_pace` (the service's metrics) and in `pace_counts`.
 """

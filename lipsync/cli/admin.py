@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 2
             print(hash_key(key))
             return 0
-        from lipsync.devcerts import write_dev_certs
+        from lipsync.local.devcerts import write_dev_certs
 
         paths = write_dev_certs(args.out, args.name)
     except (KeysFileError, OSError) as exc:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from lipsync.convert import ConvertReport
+    from lipsync.avatars.convert import ConvertReport
 
 PROG = "lipsync-avatar"
 EXIT_ERROR = 2
@@ -111,7 +111,7 @@ def _print_report(report: ConvertReport) -> None:
 
 
 def _convert(args: argparse.Namespace) -> None:
-    from lipsync.convert import convert_checkpoints, resolve_unet_checkpoint
+    from lipsync.avatars.convert import convert_checkpoints, resolve_unet_checkpoint
 
     unet = resolve_unet_checkpoint(args.unet)
     print(f"converting {unet}" + (f" and {args.audio_encoder}" if args.audio_encoder else ""))
@@ -122,7 +122,7 @@ def _convert(args: argparse.Namespace) -> None:
 
 
 def _import(args: argparse.Namespace) -> None:
-    from lipsync.synctalk_import import import_synctalk_detailed
+    from lipsync.avatars.synctalk_import import import_synctalk_detailed
 
     print(f"importing {args.dataset} as avatar {args.name!r} into {args.out}")
     res = import_synctalk_detailed(
@@ -147,10 +147,10 @@ def _import(args: argparse.Namespace) -> None:
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
-    from lipsync.avatar_package import AvatarError, UnknownModelError
-    from lipsync.convert import ConvertError
-    from lipsync.nets.onnx_builder import StateDictError
-    from lipsync.synctalk_import import DatasetError
+    from lipsync.avatars.convert import ConvertError
+    from lipsync.avatars.nets.onnx_builder import StateDictError
+    from lipsync.avatars.package import AvatarError, UnknownModelError
+    from lipsync.avatars.synctalk_import import DatasetError
 
     return (ConvertError, DatasetError, AvatarError, UnknownModelError, StateDictError, OSError)
 

@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lipsync.client import MIN_SAMPLES, SAMPLE_RATE, LipsyncClient, LipsyncError, load_audio
-from lipsync.media import MediaError
-from lipsync.render import UsageError, check_model, output_kind, render_to
+from lipsync.client.media import MediaError
+from lipsync.client.render import UsageError, check_model, output_kind, render_to
 
 PROG = "lipsync-render"
 EXIT_ERROR = 2

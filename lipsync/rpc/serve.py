@@ -19,8 +19,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from lipsync.config import Config, load_config
-from lipsync.logs import EarlyLogs
 from lipsync.rpc.channel import message_options
+from lipsync.serving.logs import EarlyLogs
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def create_server(
     """A server with the project's options; `interceptors` run in list order (e.g. the
     API-key check of lipsync/rpc/auth.py). With `maximum_concurrent_rpcs`, calls past it
     are refused at once with RESOURCE_EXHAUSTED instead of queueing without bound."""
-    from lipsync.admission import quiet_undecodable_messages
+    from lipsync.serving.admission import quiet_undecodable_messages
 
     quiet_undecodable_messages()  # one line per undecodable message, no traceback
     return grpc.server(
@@ -78,8 +78,8 @@ def add_health(server: grpc.Server, service_names: list[str]) -> health.HealthSe
 
 
 def setup_logging(level: str, fmt: str = "text", service: str = "lipsync") -> None:
-    """Logging of a service: lipsync.logs (text or JSON lines, call ids)."""
-    from lipsync.logs import setup_logging as setup
+    """Logging of a service: lipsync.serving.logs (text or JSON lines, call ids)."""
+    from lipsync.serving.logs import setup_logging as setup
 
     setup(level, fmt, service)
 
@@ -94,7 +94,7 @@ class RunningService:
     health: health.HealthServicer
     servicer: Any
     on_close: Callable[[], None]
-    # lipsync.rpc.observe.Observability: metrics registry and port, tracing
+    # lipsync.serving.observability.Observability: metrics registry and port, tracing
     observability: Any = None
 
     @property

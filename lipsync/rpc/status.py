@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import grpc
 
-from lipsync.admission import Overloaded
-from lipsync.avatar_package import UnknownModelError
+from lipsync.avatars.package import UnknownModelError
 from lipsync.core.audio import AudioError
-from lipsync.limits import RequestError
-from lipsync.store import CapacityError
+from lipsync.serving.admission import Overloaded
+from lipsync.serving.request_checks import RequestError
+from lipsync.serving.store import CapacityError
 
 
 def domain_status(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:

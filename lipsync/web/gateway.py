@@ -90,12 +90,12 @@ import grpc
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from lipsync.config import WebConfig, load_config
-from lipsync.logs import setup_logging
 from lipsync.proto import compositing_pb2 as cpb
 from lipsync.proto import compositing_pb2_grpc as cpb_grpc
 from lipsync.rpc.channel import message_options
 from lipsync.rpc.errors import rpc_error_message
 from lipsync.rpc.tls import channel_credentials
+from lipsync.serving.logs import setup_logging
 from lipsync.web.metrics import add_metrics
 from lipsync.web.security import (
     bearer_metadata,
@@ -541,7 +541,7 @@ def parse_args(argv: list[str] | None = None, env: Mapping[str, str] | None = No
     args = ap.parse_args(argv)
     if args.allowed_origins is None:
         args.allowed_origins = list(cfg.allowed_origins)
-    args.log_level, args.log_format = full.log_level, full.log_format  # lipsync.logs
+    args.log_level, args.log_format = full.log_level, full.log_format  # lipsync.serving.logs
     return args
 
 

@@ -140,7 +140,7 @@ class AvatarRenderer:
     """Renders an avatar folder (``avatar.yaml`` package) for a clip, like the services."""
 
     def __init__(self, folder: Path | str, threads: int = 2) -> None:
-        from lipsync.avatar_package import load_manifest
+        from lipsync.avatars.package import load_manifest
 
         m = load_manifest(folder)
         opts = ort.SessionOptions()

@@ -22,7 +22,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from lipsync.avatar_package import write_manifest
+from lipsync.avatars.package import write_manifest
 from training.demo_avatar import make_data as md
 from training.demo_avatar.train import AudioEncoder, DemoUNet
 

@@ -11,8 +11,8 @@ from grpc_health.v1 import health
 
 from compositing_service.frames import FrameStore
 from compositing_service.streaming import LATE, SKIPPED
-from lipsync.metrics import ServiceMetrics
-from lipsync.rpc.observe import ModelHealth, Observability, fan_out
+from lipsync.serving.metrics import ServiceMetrics
+from lipsync.serving.observability import ModelHealth, Observability, fan_out
 
 
 def observe_frames(

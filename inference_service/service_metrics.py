@@ -7,7 +7,7 @@ from __future__ import annotations
 from grpc_health.v1 import health
 
 from inference_service.engine import InferenceEngine
-from lipsync.rpc.observe import ModelHealth, Observability, fan_out
+from lipsync.serving.observability import ModelHealth, Observability, fan_out
 
 
 def observe_engine(

@@ -18,7 +18,7 @@ from lipsync.client import (
     clip_frames,
     pad_audio,
 )
-from lipsync.media import write_jpeg_folder, write_mp4
+from lipsync.client.media import write_jpeg_folder, write_mp4
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".m4v")
 

@@ -1,6 +1,6 @@
 """Build the SyncTalk_2D reference networks as ONNX graphs, without PyTorch.
 
-Two networks (see `lipsync.nets.torch_nets` for the same networks as PyTorch modules and
+Two networks (see `lipsync.avatars.nets.torch_nets` for the same networks as PyTorch modules and
 the architecture notes):
 
 - ``"unet"``: the 328 UNet with the "ave" audio branch. Inputs ``input`` [B, 6, 320, 320]
@@ -518,7 +518,7 @@ def build_model(
         graph,
         opset_imports=opsets,
         ir_version=helper.find_min_ir_version_for(opsets),
-        producer_name="lipsync.nets.onnx_builder",
+        producer_name="lipsync.avatars.nets.onnx_builder",
         doc_string=doc,
     )
     helper.set_model_props(model, {"lipsync.network": f"synctalk2d-{kind}"})

@@ -1,4 +1,4 @@
-"""Several inference replicas on one host, one per GPU (`python -m lipsync.launch
+"""Several inference replicas on one host, one per GPU (`python -m lipsync.local.launch
 --inference-replicas N`; docs/SCALING.md): replica i listens on the inference port + i,
 runs on device `inference.device_id + i` (an index into CUDA_VISIBLE_DEVICES where that
 is set), serves metrics on `metrics_port + 10 i`, and, unless the configuration names

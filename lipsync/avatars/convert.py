@@ -3,7 +3,7 @@
 `convert_checkpoints` reads the UNet checkpoint (``<epoch>.pth``, a plain state dict) and
 optionally the shared audio encoder checkpoint (``audio_visual_encoder.pth``, keys stored
 without the ``audio_encoder.`` prefix), checks them strictly against the reference tables,
-builds the ONNX graphs with `lipsync.nets.onnx_builder` (BatchNorm folded) and verifies
+builds the ONNX graphs with `lipsync.avatars.nets.onnx_builder` (BatchNorm folded) and verifies
 that ONNX Runtime reproduces the PyTorch modules within 1e-4 before writing
 ``unet.onnx`` / ``audio_encoder.onnx``.
 
@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from lipsync.avatar_package import AUDIO_ENCODER_FILE, UNET_FILE
-from lipsync.nets import onnx_builder as ob
+from lipsync.avatars.nets import onnx_builder as ob
+from lipsync.avatars.package import AUDIO_ENCODER_FILE, UNET_FILE
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ def _checked_arrays(
 def _verify(kind: str, state_dict: Mapping[str, Any], onnx_bytes: bytes, seed: int) -> float:
     torch = _import_torch()
     ort = _import_ort()
-    from lipsync.nets import torch_nets
+    from lipsync.avatars.nets import torch_nets
 
     module = torch_nets.ReferenceUNet() if kind == ob.KIND_UNET else torch_nets.AudioEncoder()
     try:

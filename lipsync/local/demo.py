@@ -1,4 +1,4 @@
-"""`python -m lipsync.demo` (what `make demo` runs): render the bundled speech clip with the
+"""`python -m lipsync.local.demo` (what `make demo` runs): render the bundled speech clip with the
 bundled avatar to an MP4, end to end through both services.
 
 It starts the inference and compositing services as child processes (ports from the
@@ -6,7 +6,7 @@ config / environment; free ones when those are busy), waits until both are healt
 renders `assets/speech/demo.wav` with the avatar `demo` to `out/demo.mp4`, then stops the
 services (also on Ctrl-C or an error).
 
-    python -m lipsync.demo [--model demo] [--audio assets/speech/demo.wav]
+    python -m lipsync.local.demo [--model demo] [--audio assets/speech/demo.wav]
                            [--out out/demo.mp4] [--config FILE] [--verbose]
 """
 
@@ -23,17 +23,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from lipsync.avatar_package import MANIFEST_NAME, AvatarCatalog
+from lipsync.avatars.package import MANIFEST_NAME, AvatarCatalog
 from lipsync.client import LipsyncClient, LipsyncError, load_audio
+from lipsync.client.media import MediaError
+from lipsync.client.render import UsageError, check_model, output_kind, render_to
 from lipsync.config import ConfigError, load_config
-from lipsync.launch import ServiceProcesses
-from lipsync.media import MediaError
-from lipsync.ports import pick_ports
-from lipsync.render import UsageError, check_model, output_kind, render_to
+from lipsync.local.launch import ServiceProcesses
+from lipsync.local.ports import pick_ports
 
-PROG = "lipsync.demo"
+PROG = "lipsync.local.demo"
 EXIT_ERROR = 2
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_AUDIO = REPO / "assets" / "speech" / "demo.wav"
 DEFAULT_OUT = Path("out") / "demo.mp4"
 

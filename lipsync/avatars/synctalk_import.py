@@ -5,8 +5,8 @@ A SyncTalk_2D user has ``dataset/<name>/full_body_img/<i>.jpg`` and
 ``checkpoint/<name>/<epoch>.pth`` and the shared audio encoder checkpoint.
 `import_synctalk` checks the dataset, derives every frame's crop rect by the reference rule
 (``x1 = lms[1][0]``, ``y1 = lms[52][1]``, ``x2 = lms[31][0]``, ``y2 = y1 + (x2 - x1)``),
-converts the networks (`lipsync.convert`) and writes ``<out_root>/<name>/`` in the format of
-`lipsync.avatar_package`: ``avatar.yaml``, ``unet.onnx``, ``audio_encoder.onnx``,
+converts the networks (`lipsync.avatars.convert`) and writes ``<out_root>/<name>/`` in the format of
+`lipsync.avatars.package`: ``avatar.yaml``, ``unet.onnx``, ``audio_encoder.onnx``,
 ``frames/<i>.jpg`` and ``crop_rects.json``.
 
 The package is assembled in a hidden temporary folder next to its destination and moved
@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lipsync.avatar_package import (
+from lipsync.avatars.convert import ConvertReport, convert_checkpoints
+from lipsync.avatars.package import (
     AUDIO_ENCODER_FILE,
     FRAMES_DIR,
     UNET_FILE,
@@ -39,7 +40,6 @@ from lipsync.avatar_package import (
     write_crop_rects,
     write_manifest,
 )
-from lipsync.convert import ConvertReport, convert_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -354,7 +354,7 @@ def import_synctalk(
     `link_frames` hard-links the frames instead of copying them (copies when the file
     system refuses). An existing non-empty package folder is replaced only with
     `overwrite`. Raises DatasetError (dataset, name, destination), and the errors of
-    `lipsync.convert.convert_checkpoints` (CheckpointError, VerificationError, ...).
+    `lipsync.avatars.convert.convert_checkpoints` (CheckpointError, VerificationError, ...).
     """
     return import_synctalk_detailed(
         dataset, unet_ckpt, audio_encoder_ckpt, name, out_root, link_frames, overwrite, verify

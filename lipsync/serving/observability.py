@@ -6,7 +6,7 @@ server reflection and per-model health (docs/OPERATIONS.md).
 /metrics port) and, once stopped, `close()`.
 
 Every RPC passes `ServerObserver`: it takes the caller's `x-request-id` (or makes one),
-tags the call's log lines with it (lipsync.logs), opens a server span whose parent comes
+tags the call's log lines with it (lipsync.serving.logs), opens a server span whose parent comes
 from the caller's `traceparent` (with tracing on), counts `lipsync_requests_total` and
 the call's duration, keeps `lipsync_queue_depth` (calls in progress) and writes one access
 line. It reads this project's messages by their fields, not their types: a request's
@@ -29,8 +29,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2
 
 from lipsync.config import Config
-from lipsync.logs import add_ids, call_ids, current_ids
-from lipsync.metrics import MetricsServer, ServiceMetrics
+from lipsync.serving.logs import add_ids, call_ids, current_ids
+from lipsync.serving.metrics import MetricsServer, ServiceMetrics
 
 log = logging.getLogger(__name__)
 access = logging.getLogger("lipsync.access")
@@ -319,7 +319,7 @@ class Observability:
         self.metrics = ServiceMetrics(service, cfg.compositing.metrics_model_labels)
         self.tracing = None
         if cfg.tracing.enabled:
-            from lipsync.tracing import Tracing
+            from lipsync.serving.tracing import Tracing
 
             self.tracing = Tracing(cfg.tracing, f"lipsync-{service}")
         self.server_interceptor = ServerObserver(self.metrics, cfg.access_log, self.tracing)

@@ -1,12 +1,12 @@
 """The SyncTalk_2D reference networks.
 
-- `lipsync.nets.onnx_builder`: the layout, random weights and a torch-free ONNX builder
+- `lipsync.avatars.nets.onnx_builder`: the layout, random weights and a torch-free ONNX builder
   (needs `numpy` and `onnx`).
-- `lipsync.nets.torch_nets`: the same networks as PyTorch modules (needs `torch`, the
+- `lipsync.avatars.nets.torch_nets`: the same networks as PyTorch modules (needs `torch`, the
   `convert` extra); only this module imports torch.
 
 Nothing is imported eagerly; the builder's public names are also reachable here lazily,
-e.g. ``from lipsync.nets import build_reference_unet``.
+e.g. ``from lipsync.avatars.nets import build_reference_unet``.
 """
 
 from __future__ import annotations
@@ -35,5 +35,5 @@ __all__ = sorted(_BUILDER_NAMES)
 
 def __getattr__(name: str) -> Any:
     if name in _BUILDER_NAMES:
-        return getattr(importlib.import_module("lipsync.nets.onnx_builder"), name)
+        return getattr(importlib.import_module("lipsync.avatars.nets.onnx_builder"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,8 +4,8 @@
 audio encoder. Their ``state_dict()`` keys and shapes equal the reference tables
 (``unet328_ave_state_dict.tsv``, ``audio_encoder_state_dict.tsv``) exactly, in the same
 order, so a real checkpoint loads with ``strict=True``. They exist to read and verify
-checkpoints (`lipsync.convert`) and to train small demo avatars; serving uses the ONNX
-graphs of `lipsync.nets.onnx_builder`, which must compute the same function.
+checkpoints (`lipsync.avatars.convert`) and to train small demo avatars; serving uses the ONNX
+graphs of `lipsync.avatars.nets.onnx_builder`, which must compute the same function.
 
 Architecture (the reference ``unet_328.py`` and the "ave" audio encoder of SyncTalk_2D).
 Points the written spec leaves open, settled as the original code does:

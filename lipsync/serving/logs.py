@@ -3,7 +3,7 @@ the call a line belongs to.
 
 Each JSON line has `time` (UTC, ISO 8601), `level`, `service`, `logger`, `event` (the
 message) and, where they apply, `request_id`, `stream_id`, `model_id`, `rpc`; an access
-line (lipsync.rpc.observe) adds `code` and `duration_ms`; a line logged with an exception
+line (lipsync.serving.observability) adds `code` and `duration_ms`; a line logged with an exception
 adds `exc`. Ids come from the call being served (`call_ids`, set by the server
 interceptor) or from a record's `extra`. Nothing logs audio, keys or payloads: access lines
 carry the method, status, duration, peer and ids only.

@@ -2,7 +2,7 @@
 opentelemetry-api/-sdk and the OTLP exporter, imported only here and only when on).
 
 A trace of an InferBatchComposite call: the compositing service's server span, a client
-hop per inference call carrying `traceparent` in the gRPC metadata (lipsync.rpc.observe.
+hop per inference call carrying `traceparent` in the gRPC metadata (lipsync.serving.observability.
 ClientObserver), the inference service's server span as its child, and a `unet batch`
 span per UNet run, the child of the first request that joined the run and linked to
 the others. Each service has its own TracerProvider (nothing process-wide is set), which

@@ -1,5 +1,5 @@
 """Run both services as child processes, and the browser page's gateway:
-`python -m lipsync.launch` (what `make run` does).
+`python -m lipsync.local.launch` (what `make run` does).
 
 Ctrl-C or SIGTERM stops both. The launcher waits until each service answers the
 standard gRPC health check before saying it is ready. `ServiceProcesses` is the same
@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from types import TracebackType
 
 from lipsync.config import load_config
-from lipsync.replicas import inference_address, replica_env, replica_ports
+from lipsync.local.replica_env import inference_address, replica_env, replica_ports
 from lipsync.rpc.channel import wait_healthy
 from lipsync.rpc.tls import channel_credentials_of
 
@@ -60,7 +60,7 @@ class ServiceProcesses:
     ):
         """`web_port`: also serve the browser page and its WebSocket gateway there.
         `inference_replicas`: that many inference services, one per GPU, on consecutive
-        ports (lipsync/replicas.py); the compositing service routes over them."""
+        ports (lipsync/local/replica_env.py); the compositing service routes over them."""
         self.env = dict(os.environ if env is None else env)
         cfg = load_config(config, self.env)
         self.inference_port = inference_port or cfg.inference.port
@@ -135,7 +135,7 @@ class ServiceProcesses:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="lipsync.launch", description=__doc__)
+    ap = argparse.ArgumentParser(prog="lipsync.local.launch", description=__doc__)
     ap.add_argument("--config", help="YAML config file (default: $LIPSYNC_CONFIG)")
     ap.add_argument("--no-web", action="store_true", help="do not serve the browser page")
     ap.add_argument(
