@@ -29,6 +29,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from benchmarks.bench_avatar import use_tiny_avatar
+from lipsync.client import chunked, clip_requests
 from lipsync.core.windows import frames_of_samples
 from lipsync.local.launch import ServiceProcesses
 from lipsync.local.ports import free_port
@@ -92,11 +93,8 @@ def main() -> None:
 
         def stream() -> None:
             def requests():
-                yield cpb.StreamRequest(start=cpb.StreamStart(model_id=args.model))
-                for i in range(0, len(clip), 1600):
-                    yield cpb.StreamRequest(audio=clip[i : i + 1600].tobytes())
-                    time.sleep(0.05)
-                yield cpb.StreamRequest(end_of_audio=True)
+                start = cpb.StreamStart(model_id=args.model)
+                return clip_requests(start, [chunked(clip, 1600)], pause_s=0.05)
 
             try:
                 frames.extend(stub.StreamComposite(requests(), timeout=300))

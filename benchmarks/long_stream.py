@@ -23,6 +23,7 @@ import grpc
 import numpy as np
 
 from benchmarks.bench_avatar import use_tiny_avatar
+from lipsync.client import chunked, clip_requests
 from lipsync.core.windows import frames_of_samples
 from lipsync.local.launch import ServiceProcesses
 from lipsync.local.ports import free_port
@@ -72,13 +73,9 @@ def main() -> None:
 
         threading.Thread(target=watch, daemon=True).start()
 
-        def requests():
-            yield cpb.StreamRequest(
-                start=cpb.StreamStart(model_id=args.model, audio_encoding=cpb.PCM_S16LE)
-            )
-            for i in range(0, len(clip), 16000):  # 1 s a message
-                yield cpb.StreamRequest(audio=clip[i : i + 16000].tobytes())
-            yield cpb.StreamRequest(end_of_audio=True)
+        def requests():  # 1 s a message
+            start = cpb.StreamStart(model_id=args.model, audio_encoding=cpb.PCM_S16LE)
+            return clip_requests(start, [chunked(clip, 16000)])
 
         times: list[float] = []
         t0 = time.monotonic()

@@ -43,12 +43,13 @@ import grpc
 from compositing_service.endpoints import Target
 from compositing_service.routing import RoutedInferenceClient, RoutingPolicy
 from lipsync.core.tensors import BLOCK_BYTES, INNER
+from lipsync.local.launch import stop_processes
 from lipsync.local.ports import free_port
 from lipsync.proto import common_pb2 as common
 from lipsync.proto import inference_pb2 as ipb
 from lipsync.proto import inference_pb2_grpc as ipb_grpc
 from lipsync.rpc.channel import wait_healthy
-from lipsync.rpc.serve import add_health, bind, create_server
+from lipsync.serving.grpc_server import add_health, bind, create_server
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_MSG = 64 << 20
@@ -120,15 +121,7 @@ def spawn_standin(delay_ms: float, load_ms: float) -> tuple[str, subprocess.Pope
 
 
 def stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+    stop_processes(procs, 10)
 
 
 # -- load ----------------------------------------------------------------------------------

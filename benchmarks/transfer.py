@@ -26,7 +26,7 @@ from lipsync.proto import inference_pb2 as ipb
 from lipsync.proto import inference_pb2_grpc as ipb_grpc
 from lipsync.rpc.channel import wait_healthy
 from lipsync.rpc.infer_wire import InferReply, add_inference_servicer
-from lipsync.rpc.serve import add_health, bind, create_server
+from lipsync.serving.grpc_server import add_health, bind, create_server
 
 MAX_BYTES = 1 << 28
 

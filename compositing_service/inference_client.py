@@ -52,10 +52,6 @@ def deadline_scope(deadline: float | None) -> Iterator[None]:
         _deadline.reset(token)
 
 
-def current_deadline() -> float | None:
-    return _deadline.get()
-
-
 @dataclass(frozen=True)
 class ClipAudio:
     """One clip of mono PCM audio as the inference service takes it.

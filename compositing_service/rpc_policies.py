@@ -1,14 +1,15 @@
 """Who may call the compositing service: the scope each RPC needs, what counts as frames
 for a key's rate limit, what `Health` hides from callers without a key (docs/SECURITY.md).
-The mechanics are lipsync/rpc/auth.py (API keys) and lipsync/rpc/tls.py (TLS)."""
+The mechanics are lipsync/serving/api_keys.py (API keys and their limits),
+lipsync/serving/auth_interceptor.py (the check) and lipsync/rpc/tls.py (TLS)."""
 
 from __future__ import annotations
 
 import grpc
 
 from lipsync.config import Config
-from lipsync.rpc.auth import MethodPolicy, interceptors_for
 from lipsync.rpc.tls import channel_credentials_of, server_credentials_of
+from lipsync.serving.auth_interceptor import MethodPolicy, interceptors_for
 
 PREFIX = "/compositing.CompositingService/"
 

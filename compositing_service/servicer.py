@@ -37,8 +37,6 @@ from lipsync.proto import compositing_pb2 as cpb
 from lipsync.proto import compositing_pb2_grpc as cpb_grpc
 from lipsync.rpc.errors import rpc_error_message
 from lipsync.rpc.messages import audio_encoding
-from lipsync.rpc.serve import RunningService, add_health, bind, create_server
-from lipsync.rpc.status import abort, domain_status
 from lipsync.rpc.tls import serve_health_port
 from lipsync.serving.admission import (
     Admission,
@@ -47,6 +45,7 @@ from lipsync.serving.admission import (
     RateLimitedLog,
     set_health,
 )
+from lipsync.serving.grpc_server import RunningService, add_health, bind, create_server
 from lipsync.serving.metrics import ServiceMetrics
 from lipsync.serving.observability import Observability, note_status
 from lipsync.serving.request_checks import (
@@ -56,6 +55,7 @@ from lipsync.serving.request_checks import (
     check_feature_bytes,
     check_tensor_bytes,
 )
+from lipsync.serving.status_codes import abort, domain_status
 
 log = logging.getLogger(__name__)
 

@@ -26,10 +26,9 @@ from lipsync.proto import inference_pb2 as ipb
 from lipsync.proto import inference_pb2_grpc as ipb_grpc
 from lipsync.rpc.infer_wire import InferReply, add_inference_servicer
 from lipsync.rpc.messages import audio_encoding
-from lipsync.rpc.serve import RunningService, add_health, bind, create_server
-from lipsync.rpc.status import abort, domain_status
 from lipsync.rpc.tls import serve_health_port, server_credentials_of
 from lipsync.serving.admission import Admission, RateLimitedLog
+from lipsync.serving.grpc_server import RunningService, add_health, bind, create_server
 from lipsync.serving.observability import Observability
 from lipsync.serving.request_checks import (
     RequestError,
@@ -38,6 +37,7 @@ from lipsync.serving.request_checks import (
     check_feature_bytes,
     check_tensor_bytes,
 )
+from lipsync.serving.status_codes import abort, domain_status
 
 log = logging.getLogger(__name__)
 

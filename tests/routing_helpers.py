@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from lipsync.local.launch import stop_processes
 from lipsync.rpc.channel import wait_healthy
 
 REPO = Path(__file__).resolve().parent.parent
@@ -91,12 +92,4 @@ def start_replicas(
 
 
 def stop_replicas(replicas: list[Replica]) -> None:
-    for r in replicas:
-        if r.proc.poll() is None:
-            r.proc.send_signal(signal.SIGTERM)
-    for r in replicas:
-        try:
-            r.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            r.proc.kill()
-            r.proc.wait()
+    stop_processes((r.proc for r in replicas), 10)

@@ -262,7 +262,7 @@ def test_import_synctalk_builds_a_loadable_package(tmp_path: Path, ckpts, monkey
         tmp_path / "avatars",
         link_frames=True,
         verify=False,
-    )
+    ).folder
     assert folder == tmp_path / "avatars" / "may"
     m = load_manifest(folder)
     assert m.name == "may" and m.fps == 25
@@ -281,7 +281,7 @@ def test_import_synctalk_builds_a_loadable_package(tmp_path: Path, ckpts, monkey
         import_synctalk(data, ckpts["unet"], None, "may", tmp_path / "avatars", verify=False)
     folder = import_synctalk(
         data, ckpts["unet"], None, "may", tmp_path / "avatars", overwrite=True, verify=False
-    )
+    ).folder
     m = load_manifest(folder)
     assert m.audio_encoder is None and not (folder / "audio_encoder.onnx").exists()
     assert m.frame_files()[2].stat().st_ino != src.stat().st_ino  # copied

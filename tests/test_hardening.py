@@ -28,6 +28,7 @@ from lipsync.avatars.package import (
     check_model_id,
     load_manifest,
 )
+from lipsync.client import chunked, clip_requests
 from lipsync.core import lookahead, windows
 from lipsync.local.ports import free_port
 from lipsync.proto import compositing_pb2 as cpb
@@ -335,22 +336,29 @@ def test_batcher_drops_items_whose_caller_has_gone():
     from inference_service.batching import CallerScope, DynamicBatcher, Expired, caller_scope
 
     ran: list[int] = []
+    busy, release = threading.Event(), threading.Event()
 
     def run(x):
         ran.append(len(x))
-        time.sleep(0.2)
+        busy.set()
+        release.wait(30)
         return x
 
     b = DynamicBatcher(run, max_batch=1, max_wait_s=0.0)
     t = threading.Thread(target=lambda: b(np.zeros((1, 2))))
     t.start()
-    time.sleep(0.05)  # the first run is busy; the next item queues behind it
+    assert busy.wait(30)  # the first run is busy; the next item queues behind it
     token = caller_scope.set(CallerScope(deadline=time.monotonic() + 0.05))
+    # the first run ends only after the queued item's deadline has passed
+    timer = threading.Timer(0.3, release.set)
+    timer.start()
     try:
         with pytest.raises(Expired):
             b(np.zeros((1, 2)))
     finally:
         caller_scope.reset(token)
+        release.set()
+        timer.cancel()
     t.join()
     assert ran == [1] and b.stats.expired == 1
 
@@ -417,12 +425,9 @@ def test_offline_stream_survives_an_inference_restart(tmp_path, avatars_root, sh
         got: list[cpb.StreamFrame] = []
         first_frames = threading.Event()
 
-        def requests():
-            yield cpb.StreamRequest(start=cpb.StreamStart(model_id="alice", start_frame_idx=2))
-            for i in range(0, len(clip), 1600):  # 100 ms of audio every 50 ms
-                yield cpb.StreamRequest(audio=clip[i : i + 1600].tobytes())
-                time.sleep(0.05)
-            yield cpb.StreamRequest(end_of_audio=True)
+        def requests():  # 100 ms of audio every 50 ms
+            start = cpb.StreamStart(model_id="alice", start_frame_idx=2)
+            return clip_requests(start, [chunked(clip, 1600)], pause_s=0.05)
 
         def read():
             with grpc.insecure_channel(address) as ch:

@@ -1,6 +1,6 @@
-"""The layering of the code (docs/ARCHITECTURE.md): the shared core imports no service,
-the services do not import each other, the client and the tools import neither service,
-and the client runs without the services' heavy dependencies."""
+"""The layering of the code (docs/ARCHITECTURE.md): `lipsync/` is grouped by who uses it
+and each group imports only the groups below it (ALLOWED); the services do not import
+each other; the client runs without the services' heavy dependencies."""
 
 from __future__ import annotations
 
@@ -53,6 +53,77 @@ def test_nothing_outside_the_inference_service_imports_it() -> None:
 
 def test_the_inference_service_imports_no_compositing_service() -> None:
     assert offenders(files("inference_service"), ("compositing_service",)) == []
+
+
+# Which parts of the project each part may import (besides itself and the third-party
+# packages of its extra). `lipsync` stands for the package's own top level: config.py,
+# proto.py and __version__.
+BASE = {"lipsync", "lipsync.config", "lipsync.proto"}
+SERVICE_DEPS = BASE | {"lipsync.core", "lipsync.rpc", "lipsync.avatars", "lipsync.serving"}
+ALLOWED: dict[str, set[str]] = {
+    "lipsync.core": set(),  # the reference rules: numpy only (see below)
+    "lipsync.rpc": BASE | {"lipsync.core"},  # both ends of a call, the client included
+    "lipsync.client": BASE | {"lipsync.core", "lipsync.rpc"},
+    "lipsync.avatars": BASE | {"lipsync.core"},
+    "lipsync.serving": BASE | {"lipsync.core", "lipsync.rpc", "lipsync.avatars"},
+    "inference_service": SERVICE_DEPS,
+    "compositing_service": SERVICE_DEPS,
+    "lipsync.web": BASE | {"lipsync.core", "lipsync.rpc", "lipsync.serving", "lipsync.client"},
+    "lipsync.local": BASE
+    | {"lipsync.core", "lipsync.rpc", "lipsync.client", "lipsync.avatars", "lipsync.serving"},
+    "lipsync.cli": BASE
+    | {"lipsync.core", "lipsync.rpc", "lipsync.client", "lipsync.avatars", "lipsync.serving"}
+    | {"lipsync.local"},
+    "training": {"lipsync.core", "lipsync.avatars"},
+}
+SERVICES = ("inference_service", "compositing_service")
+
+
+def part_of_module(name: str) -> str | None:
+    """The part (a key of ALLOWED, or BASE) an imported module name belongs to."""
+    top, _, rest = name.partition(".")
+    if top in SERVICES:
+        return top
+    if top != "lipsync":
+        return None
+    sub = rest.partition(".")[0]
+    return "lipsync" if sub in ("", "__version__") else f"lipsync.{sub}"
+
+
+def part_of_file(path: Path) -> str:
+    rel = path.relative_to(REPO).with_suffix("").parts
+    if rel[0] == "lipsync" and len(rel) > 2:
+        return f"lipsync.{rel[1]}"
+    if rel[0] == "lipsync":
+        return "lipsync" if rel[1] == "__init__" else f"lipsync.{rel[1]}"
+    return rel[0]
+
+
+def test_every_part_of_lipsync_is_placed() -> None:
+    """A new folder or top-level module of lipsync/ needs its place in ALLOWED (or BASE)."""
+    here = {part_of_file(p) for p in files("lipsync")}
+    assert here - set(ALLOWED) - BASE == set()
+
+
+@pytest.mark.parametrize("part", sorted(ALLOWED))
+def test_each_part_imports_only_the_parts_below_it(part: str) -> None:
+    folder = part.replace(".", "/")
+    bad = []
+    for p in files(folder):
+        for name in sorted(imports_of(p)):
+            target = part_of_module(name)
+            if target is not None and target != part and target not in ALLOWED[part]:
+                bad.append(f"{p.relative_to(REPO)} imports {name}")
+    assert bad == []
+
+
+def test_part_of_module_names_the_groups() -> None:
+    assert part_of_module("lipsync.serving.store") == "lipsync.serving"
+    assert part_of_module("lipsync.client") == "lipsync.client"
+    assert part_of_module("lipsync") == "lipsync"
+    assert part_of_module("lipsync.__version__") == "lipsync"
+    assert part_of_module("compositing_service.routing") == "compositing_service"
+    assert part_of_module("numpy") is None
 
 
 def test_the_core_imports_no_service_and_no_rpc() -> None:

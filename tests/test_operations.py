@@ -10,7 +10,6 @@ import os
 import queue
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from lipsync.config import load_config
+from lipsync.local.launch import stop_processes
 from lipsync.local.ports import free_port
 from lipsync.proto import compositing_pb2 as cpb
 from lipsync.proto import compositing_pb2_grpc as cpb_grpc
@@ -481,14 +481,7 @@ def processes(avatars_root, shared_encoder, tmp_path_factory):
             p.kill()
         raise
     yield {"ports": ports, "logs": logs, "procs": procs}
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(15)
-        except subprocess.TimeoutExpired:
-            p.kill()
+    stop_processes(procs, 15)
 
 
 def _batch_to(address: str, clip, n: int) -> None:
@@ -505,7 +498,17 @@ def _batch_to(address: str, clip, n: int) -> None:
 
 def test_json_logs_every_line_parses(processes, clip):
     _batch_to(f"127.0.0.1:{processes['ports']['comp']}", clip, 3)
-    time.sleep(0.3)
+
+    def access_logged(path) -> bool:  # both services log the call's access line after it
+        return any(
+            '"json-log-test"' in ln and '"lipsync.access"' in ln
+            for ln in path.read_text().splitlines()
+        )
+
+    end = time.monotonic() + 30
+    while not all(access_logged(p) for p in processes["logs"].values()):
+        assert time.monotonic() < end, "the access lines were not logged"
+        time.sleep(0.05)
     for name, path in processes["logs"].items():
         lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
         assert lines, f"{name} logged nothing"
@@ -895,7 +898,7 @@ def test_gateway_logs_json_and_serves_metrics_as_a_process():
 def test_config_warnings_are_logged_in_the_configured_format(tmp_path):
     """A warning the config loader logs before logging is set up still comes out as JSON."""
     code = (
-        "import sys; from lipsync.rpc import serve;"
+        "import sys; from lipsync.serving import grpc_server as serve;"
         "serve.wait_for_termination = lambda *a, **k: None;"
         "sys.exit(serve.run_service('probe', None, lambda c: c.inference,"
         " lambda c: None, []))"

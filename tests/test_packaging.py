@@ -272,7 +272,12 @@ def _check_wheel(wheel: Path) -> None:
     for stem in protos:
         for name in (f"{stem}.proto", f"{stem}_pb2.py", f"{stem}_pb2_grpc.py", f"{stem}_pb2.pyi"):
             assert f"shared_proto/{name}" in names, f"the wheel lacks shared_proto/{name}"
-    for name in ("lipsync/client.py", "lipsync/proto.py", "shared_proto/__init__.py"):
+    for name in (
+        "lipsync/client/__init__.py",
+        "lipsync/client/grpc_client.py",
+        "lipsync/proto.py",
+        "shared_proto/__init__.py",
+    ):
         assert name in names, f"the wheel lacks {name}"
     assert not [n for n in names if n.startswith(("tests/", "scripts/"))]
     # The stubs' own runtime requirements fit the base lower bounds.

@@ -22,6 +22,7 @@ from compositing_service.routing import (
     RoutingPolicy,
     hrw,
 )
+from lipsync.client import chunked, clip_requests
 from lipsync.core import audio, windows
 from lipsync.proto import common_pb2 as common
 from lipsync.proto import compositing_pb2 as cpb
@@ -154,14 +155,14 @@ def test_hot_avatar_spreads_past_the_bound_and_is_drawn_back():
     # 8 in flight; the bound: max(2, 1.25 x the average in flight) -> 3 replicas
     n = len(router.replicas_of("hot"))
     assert n == 3 and sum(f.calls > 0 for f in fakes.values()) == n
-    time.sleep(0.25)
-    drawn = router.draw_back()
+    now = time.monotonic() + 0.25  # the cool-down aged on the router's clock, not waited
+    drawn = router.draw_back(now=now)
     assert len(drawn) == 1 and len(router.replicas_of("hot")) == n - 1
     assert "hot" not in fakes[drawn[0][1]].loaded  # unloaded there
-    assert router.draw_back() == []  # one replica per cool_s
+    assert router.draw_back(now=now) == []  # one replica per cool_s
     for _ in range(3):
-        time.sleep(0.25)
-        router.draw_back()
+        now += 0.25
+        router.draw_back(now=now)
     assert len(router.replicas_of("hot")) == 1
 
 
@@ -355,10 +356,8 @@ def test_stream_survives_sigkill_of_its_replica(cluster):
     victim = next(r for r in replicas if r.address == serving)
 
     def requests():
-        yield cpb.StreamRequest(start=cpb.StreamStart(model_id=name, start_frame_idx=2))
-        for i in range(0, len(clip), 4000):
-            yield cpb.StreamRequest(audio=clip[i : i + 4000].tobytes())
-        yield cpb.StreamRequest(end_of_audio=True)
+        start = cpb.StreamStart(model_id=name, start_frame_idx=2)
+        return clip_requests(start, [chunked(clip, 4000)])
 
     streamed: list[cpb.StreamFrame] = []
     t_kill = None

@@ -26,8 +26,8 @@ from lipsync.proto import common_pb2 as common
 from lipsync.proto import compositing_pb2 as cpb
 from lipsync.proto import compositing_pb2_grpc as cpb_grpc
 from lipsync.proto import inference_pb2_grpc as ipb_grpc
-from lipsync.rpc import auth
 from lipsync.rpc.tls import TLSConfigError, channel_credentials, server_credentials
+from lipsync.serving import api_keys as auth
 from lipsync.web.gateway import create_app
 from lipsync.web.security import origin_allowed
 from tests.avatar_factory import speech_like
@@ -408,7 +408,7 @@ def test_tls_settings_that_do_not_fit_are_refused(pki):
 def test_server_certificates_are_reloaded_when_their_files_change(tmp_path, pki):
     """The compositing port's certificate is replaced on disk by one of another CA: new
     connections get the new one, without a restart."""
-    from lipsync.rpc.serve import add_health, bind, create_server
+    from lipsync.serving.grpc_server import add_health, bind, create_server
 
     cert, keyf = tmp_path / "server.pem", tmp_path / "server-key.pem"
     cert.write_bytes(pki["compositing"].read_bytes())

@@ -11,6 +11,7 @@ import grpc
 import numpy as np
 import pytest
 
+from lipsync.client import chunked, clip_requests
 from lipsync.core import audio, windows
 from lipsync.proto import compositing_pb2 as cpb
 from lipsync.proto import compositing_pb2_grpc as cpb_grpc
@@ -54,14 +55,9 @@ def chunks(x: np.ndarray, rng: np.random.Generator, lo_ms: int = 10, hi_ms: int 
 def offline_stream(stub, clips: list[np.ndarray], start: int, seed: int) -> list[cpb.StreamFrame]:
     rng = np.random.default_rng(seed)
 
-    def requests():
-        yield cpb.StreamRequest(start=cpb.StreamStart(model_id="alice", start_frame_idx=start))
-        for clip in clips:
-            for c in chunks(clip, rng):
-                yield cpb.StreamRequest(audio=c.tobytes())
-            yield cpb.StreamRequest(end_of_audio=True)
-
-    return list(stub.StreamComposite(requests()))
+    start_msg = cpb.StreamStart(model_id="alice", start_frame_idx=start)
+    requests = clip_requests(start_msg, [chunks(clip, rng) for clip in clips])
+    return list(stub.StreamComposite(requests))
 
 
 def assert_same_frames(streamed: list[bytes], offline: list[bytes]) -> None:
@@ -99,17 +95,10 @@ def test_int16_and_resampled_input_and_speech_flags(stub):
     tone = (0.3 * np.sin(2 * np.pi * 220 * t) * (t < 1.0)).astype(np.float32)
     pcm = (tone * 32767).astype("<i2")
 
-    def requests():
-        yield cpb.StreamRequest(
-            start=cpb.StreamStart(
-                model_id="alice", sample_rate=sr, audio_encoding=cpb.PCM_S16LE, return_audio=True
-            )
-        )
-        for i in range(0, len(pcm), 1000):
-            yield cpb.StreamRequest(audio=pcm[i : i + 1000].tobytes())
-        yield cpb.StreamRequest(end_of_audio=True)
-
-    frames = list(stub.StreamComposite(requests()))
+    start = cpb.StreamStart(
+        model_id="alice", sample_rate=sr, audio_encoding=cpb.PCM_S16LE, return_audio=True
+    )
+    frames = list(stub.StreamComposite(clip_requests(start, [chunked(pcm, 1000)])))
     assert len(frames) == windows.clip_frame_count(1 + (2 * 16000) // audio.HOP)
     flags = [f.speech for f in frames]
     assert all(flags[2:20]) and not any(flags[35:])  # sound for the first second only
@@ -196,14 +185,30 @@ def test_realtime_session_speech_silence_speech_interrupt(stub):
         for f in stream:
             received.append(f)
 
+    def wait_until(cond, what: str) -> None:  # polled: no fixed window to miss
+        end = time.monotonic() + 60
+        while not cond():
+            assert time.monotonic() < end and reader.is_alive(), what
+            time.sleep(0.02)
+
+    def idle_after(index: int) -> bool:
+        return any(f.index > index and not f.generated for f in list(received))
+
+    n_clip = windows.clip_frame_count(1 + len(speech) // audio.HOP)
     reader = threading.Thread(target=read)
     reader.start()
     feed_realtime(speech)
-    time.sleep(1.5)  # silence: no audio at all
+    # silence, no audio at all: until the pause has ended the first clip and the avatar idles
+    wait_until(
+        lambda: sum(f.generated and f.clip == 0 for f in list(received)) == n_clip
+        and idle_after(max(f.index for f in list(received) if f.generated)),
+        "the first clip did not end in idle frames",
+    )
     n_before_second = len(received)
     feed_realtime(speech)
     outbox.put(cpb.StreamRequest(interrupt=True))
-    time.sleep(0.5)
+    at_interrupt = received[-1].index
+    wait_until(lambda: idle_after(at_interrupt), "no idle frame after the interrupt")
     n_at_close = len(received)
     outbox.put(None)
     reader.join(30)

@@ -25,6 +25,7 @@ from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient, TestServer
 
 from lipsync.core import audio, windows
+from lipsync.local.launch import stop_processes
 from lipsync.web.gateway import create_app, parse_args, unpack_frame
 from tests.avatar_factory import speech_like
 from tests.oracle import decode_jpeg
@@ -438,12 +439,7 @@ def test_page_in_headless_chromium_with_a_fake_microphone(services, tmp_path):
             drive_page(proc, profile, gateway.port, tmp_path, clip)
         )
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_processes([proc], 10)
         log.close()
         gateway.close()
         shutil.rmtree(profile, ignore_errors=True)

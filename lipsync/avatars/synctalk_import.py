@@ -266,7 +266,7 @@ def _is_nonempty_dir(path: Path) -> bool:
     return path.is_dir() and any(path.iterdir())
 
 
-def import_synctalk_detailed(
+def import_synctalk(
     dataset: Path,
     unet_ckpt: Path,
     audio_encoder_ckpt: Path | None,
@@ -276,7 +276,16 @@ def import_synctalk_detailed(
     overwrite: bool = False,
     verify: bool = True,
 ) -> ImportResult:
-    """`import_synctalk`, returning what was done (frames, links, conversion report)."""
+    """Import the SyncTalk_2D avatar of `dataset` (the folder holding ``full_body_img/``
+    and ``landmarks/``) with its UNet checkpoint (a ``.pth`` file, or the checkpoint folder:
+    highest epoch wins) and the audio encoder checkpoint (optional) as the avatar package
+    ``<out_root>/<name>/``; returns what was done (`ImportResult.folder` is the package).
+
+    `link_frames` hard-links the frames instead of copying them (copies when the file
+    system refuses). An existing non-empty package folder is replaced only with
+    `overwrite`. Raises DatasetError (dataset, name, destination), and the errors of
+    `lipsync.avatars.convert.convert_checkpoints` (CheckpointError, VerificationError, ...).
+    """
     try:
         check_model_id(name)
     except UnknownModelError as exc:
@@ -334,28 +343,3 @@ def import_synctalk_detailed(
         report.audio_encoder_path = final / AUDIO_ENCODER_FILE
     report.files = [final / p.name for p in report.files]
     return ImportResult(final, len(data.frames), data.sizes[0], linked, report)
-
-
-def import_synctalk(
-    dataset: Path,
-    unet_ckpt: Path,
-    audio_encoder_ckpt: Path | None,
-    name: str,
-    out_root: Path,
-    link_frames: bool = False,
-    overwrite: bool = False,
-    verify: bool = True,
-) -> Path:
-    """Import the SyncTalk_2D avatar of `dataset` (the folder holding ``full_body_img/``
-    and ``landmarks/``) with its UNet checkpoint (a ``.pth`` file, or the checkpoint folder:
-    highest epoch wins) and the audio encoder checkpoint (optional) as the avatar package
-    ``<out_root>/<name>/``; returns that folder.
-
-    `link_frames` hard-links the frames instead of copying them (copies when the file
-    system refuses). An existing non-empty package folder is replaced only with
-    `overwrite`. Raises DatasetError (dataset, name, destination), and the errors of
-    `lipsync.avatars.convert.convert_checkpoints` (CheckpointError, VerificationError, ...).
-    """
-    return import_synctalk_detailed(
-        dataset, unet_ckpt, audio_encoder_ckpt, name, out_root, link_frames, overwrite, verify
-    ).folder

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from lipsync.rpc.auth import SCOPES, ApiKey, KeysFileError, hash_key, load_keys, new_key
+from lipsync.serving.api_keys import SCOPES, ApiKey, KeysFileError, hash_key, load_keys, new_key
 
 PROG = "lipsync-admin"
 

@@ -122,10 +122,10 @@ def _convert(args: argparse.Namespace) -> None:
 
 
 def _import(args: argparse.Namespace) -> None:
-    from lipsync.avatars.synctalk_import import import_synctalk_detailed
+    from lipsync.avatars.synctalk_import import import_synctalk
 
     print(f"importing {args.dataset} as avatar {args.name!r} into {args.out}")
-    res = import_synctalk_detailed(
+    res = import_synctalk(
         args.dataset,
         args.unet,
         args.audio_encoder,

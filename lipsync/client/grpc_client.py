@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -32,6 +33,7 @@ from lipsync.core.audio import MIN_SAMPLES, SAMPLE_RATE, pad_to_min_clip, resamp
 from lipsync.core.windows import frames_of_samples
 from lipsync.proto import compositing_pb2 as cpb
 from lipsync.proto import compositing_pb2_grpc as cpb_grpc
+from lipsync.rpc.bearer import bearer_metadata
 from lipsync.rpc.channel import message_options
 from lipsync.rpc.errors import rpc_error_message
 from lipsync.rpc.tls import TLSConfigError, channel_credentials
@@ -42,7 +44,9 @@ __all__ = [
     "BatchResult",
     "LipsyncClient",
     "LipsyncError",
+    "chunked",
     "clip_frames",
+    "clip_requests",
     "load_audio",
     "pad_audio",
     "to_pcm16",
@@ -173,7 +177,7 @@ class LipsyncClient:
             self._channel = grpc.secure_channel(address, credentials, options=options)
         self._stub = cpb_grpc.CompositingServiceStub(self._channel)
         key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
-        self._metadata = (("authorization", f"Bearer {key}"),) if key else ()
+        self._metadata = bearer_metadata(key)
 
     # context manager -----------------------------------------------------------------------
     def close(self) -> None:
@@ -367,16 +371,9 @@ class LipsyncClient:
             audio_encoding=cpb.PCM_S16LE if s16 else cpb.PCM_F32LE,
         )
 
-        def requests() -> Iterator[cpb.StreamRequest]:
-            yield cpb.StreamRequest(start=start)
-            for chunk in itertools.chain(first, it):
-                x = np.asarray(chunk)
-                data = x.astype("<i2").tobytes() if s16 else _as_f32_bytes(x)
-                yield cpb.StreamRequest(audio=data)
-            yield cpb.StreamRequest(end_of_audio=True)
-
+        requests = clip_requests(start, [itertools.chain(first, it)])
         try:
-            yield from self._stub.StreamComposite(requests(), metadata=self._metadata)
+            yield from self._stub.StreamComposite(requests, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise self._error(exc, "StreamComposite") from None
 
@@ -425,6 +422,29 @@ class LipsyncClient:
             for f in pending:
                 f.cancel()
             pool.shutdown(wait=False, cancel_futures=True)
+
+
+def chunked(x: np.ndarray, n: int) -> Iterator[np.ndarray]:
+    """`x` in pieces of `n` samples (the last one shorter)."""
+    return (x[i : i + n] for i in range(0, len(x), n))
+
+
+def clip_requests(
+    start: cpb.StreamStart, clips: Iterable[Iterable[np.ndarray]], pause_s: float = 0.0
+) -> Iterator[cpb.StreamRequest]:
+    """The requests of a StreamComposite session that sends whole clips: `start`, then
+    each clip's chunks (int16 as s16le, anything else as f32le: `start.audio_encoding`
+    must agree) followed by `end_of_audio`. `pause_s` sleeps after each chunk (a sender
+    that speaks as it goes)."""
+    yield cpb.StreamRequest(start=start)
+    for clip in clips:
+        for chunk in clip:
+            x = np.asarray(chunk)
+            data = x.astype("<i2").tobytes() if x.dtype == np.int16 else _as_f32_bytes(x)
+            yield cpb.StreamRequest(audio=data)
+            if pause_s:
+                time.sleep(pause_s)
+        yield cpb.StreamRequest(end_of_audio=True)
 
 
 def _as_f32_bytes(x: np.ndarray | bytes) -> bytes:

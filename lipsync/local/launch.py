@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from types import TracebackType
 
 from lipsync.config import load_config
@@ -43,6 +43,21 @@ def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None) 
         if time.monotonic() > deadline:
             raise TimeoutError(f"{url} not answering after {timeout_s:.0f} s")
         time.sleep(0.1)
+
+
+def stop_processes(procs: Iterable[subprocess.Popen], timeout_s: float = 10.0) -> None:
+    """SIGTERM every process still running (each drains as its grace allows), wait up to
+    `timeout_s` for each, then kill those still there."""
+    procs = list(procs)
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 class ServiceProcesses:
@@ -114,15 +129,7 @@ class ServiceProcesses:
         return self
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_processes(self.procs, timeout_s)
         self.procs.clear()
 
     def __enter__(self) -> ServiceProcesses:

@@ -53,10 +53,6 @@ def note_status(code: grpc.StatusCode) -> None:
         slot.append(code)
 
 
-def _code_name(code: Any) -> str:
-    return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
-
-
 class _Call:
     """One RPC being served: its ids, span, timing and what its messages said."""
 

@@ -115,10 +115,6 @@ class BoundedStore(Generic[V]):
             log.info("unloaded %s %s", self.what, key)
         return entry is not None
 
-    def is_loaded(self, key: str) -> bool:
-        with self._lock:
-            return key in self._entries
-
     def loaded_ids(self) -> list[str]:
         with self._lock:
             return sorted(self._entries)

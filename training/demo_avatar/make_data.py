@@ -502,13 +502,6 @@ def crop_rect(m: np.ndarray) -> list[int]:
     return [x1, y1, x2, y1 + (x2 - x1)]
 
 
-def render_frame(base: np.ndarray, m: np.ndarray, opening: float) -> np.ndarray:
-    face = draw_mouth(base, opening)
-    return cv2.warpAffine(
-        face, m, (FRAME_SIZE, FRAME_SIZE), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REFLECT101
-    )
-
-
 def jpeg_roundtrip(img: np.ndarray) -> tuple[bytes, np.ndarray]:
     ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
     assert ok

@@ -32,8 +32,9 @@ def create_server(
     maximum_concurrent_rpcs: int | None = None,
 ) -> grpc.Server:
     """A server with the project's options; `interceptors` run in list order (e.g. the
-    API-key check of lipsync/rpc/auth.py). With `maximum_concurrent_rpcs`, calls past it
-    are refused at once with RESOURCE_EXHAUSTED instead of queueing without bound."""
+    API-key check of lipsync/serving/auth_interceptor.py). With `maximum_concurrent_rpcs`,
+    calls past it are refused at once with RESOURCE_EXHAUSTED instead of queueing without
+    bound."""
     from lipsync.serving.admission import quiet_undecodable_messages
 
     quiet_undecodable_messages()  # one line per undecodable message, no traceback
