@@ -38,20 +38,6 @@ from lipsync.rpc.channel import message_options
 from lipsync.rpc.errors import rpc_error_message
 from lipsync.rpc.tls import TLSConfigError, channel_credentials
 
-__all__ = [
-    "MIN_SAMPLES",
-    "SAMPLE_RATE",
-    "BatchResult",
-    "LipsyncClient",
-    "LipsyncError",
-    "chunked",
-    "clip_frames",
-    "clip_requests",
-    "load_audio",
-    "pad_audio",
-    "to_pcm16",
-]
-
 log = logging.getLogger(__name__)
 
 DEFAULT_ADDRESS = "localhost:50052"
