@@ -47,7 +47,7 @@ class ClipAudio:
     sample_offset: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # arrays: compared by identity
 class InferCall:
     """One Infer call as its callers make it: the mouths of clip frames
     `clip_frame_offset .. + batch_size - 1` of avatar `model_id`. Built by the dataplane

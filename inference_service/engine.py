@@ -39,7 +39,7 @@ class Timings:
         return now
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # arrays: compared by identity
 class EngineRequest:
     """One batch's inputs, decoded (the servicer builds it from an InferRequest).
 

@@ -51,11 +51,13 @@ class FakeClient:
         self.loaded: set[str] = set()
         self.calls = 0
         self.log: list[tuple[int, float]] = []  # (calling thread, time) of each call
+        self.received: list[InferCall] = []
 
     def infer(self, call: InferCall):
         if self.dead:
             raise Dead()
         self.calls += 1
+        self.received.append(call)
         self.loaded.add(call.model_id)
         self.log.append((threading.get_ident(), time.monotonic()))
         time.sleep(self.delay_s)
@@ -186,6 +188,32 @@ def test_a_stream_thread_keeps_its_replica_while_its_avatar_is_spread():
     for seq in calls.values():
         order = [a for _, a in sorted(seq)]
         assert sum(x != y for x, y in itertools.pairwise(order)) <= 1, order
+
+
+def test_a_spread_stops_at_max_replicas_per_avatar():
+    placed = {}
+    for cap in (2, 0):
+        router, _ = fake_router(
+            4, spread_min_inflight=1, spread_after=1, max_replicas_per_avatar=cap
+        )
+        router.infer(InferCall("hot", 1))
+        for _ in range(3):  # every replica of the avatar busy: a spread each time, up to the cap
+            for a in router.replicas_of("hot"):
+                router.endpoints.get(a).inflight = 10
+            router._affinity.clear()  # a new caller (one thread would keep its replica)
+            router.infer(InferCall("hot", 1))
+        placed[cap] = len(router.replicas_of("hot"))
+        assert router.stats.spreads == placed[cap] - 1
+    assert placed == {2: 2, 0: 4}
+
+
+def test_a_call_reaches_its_replica_whole():
+    """The router passes the caller's InferCall, deadline included, to the replica's client."""
+    router, fakes = fake_router(3)
+    call = InferCall("a", 2, audio_features=bytes(8), clip_frame_offset=7, deadline=123.0)
+    router.infer(call)
+    (address,) = router.replicas_of("a")
+    assert fakes[address].received == [call] and fakes[address].received[0] is call
 
 
 def test_failover_on_unavailable_and_no_replica_left():

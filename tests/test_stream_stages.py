@@ -98,7 +98,9 @@ class FakeInference:
         self.fail = fail
 
     def infer(self, call: InferCall) -> Mouths:
-        assert call.face_crops is not None
+        # the stage sends face crops and the clip, never visual input or features
+        assert call.face_crops is not None and call.clip is not None
+        assert call.visual_input is None and call.audio_features is None
         self.calls.append(
             dict(
                 model_id=call.model_id,
