@@ -35,13 +35,16 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 
-from compositing_service.endpoints import Target
-from compositing_service.routing import RoutedInferenceClient, RoutingPolicy
+from compositing_service.endpoints import Target, resolve
+from compositing_service.inference_client import InferCall
+from compositing_service.routing import RoutedInferenceClient
+from lipsync.config import RoutingConfig
 from lipsync.core.tensors import BLOCK_BYTES, INNER
 from lipsync.local.launch import stop_processes
 from lipsync.local.ports import free_port
@@ -153,7 +156,7 @@ class Load:
             t0 = time.monotonic()
             ok = True
             try:
-                self.router.infer(name, 1, audio_features=features)
+                self.router.infer(InferCall(name, 1, audio_features=features))
             except grpc.RpcError as exc:
                 ok = False
                 with self.lock:
@@ -173,15 +176,19 @@ class Load:
         return self
 
 
-def make_router(address: str, **kw) -> RoutedInferenceClient:
+def make_router(
+    address: str,
+    health_interval_s: float = 1.0,
+    refresh_s: float = 5.0,
+    resolver: Callable[[Target], list[str]] = resolve,
+) -> RoutedInferenceClient:
     return RoutedInferenceClient(
         address,
         MAX_MSG,
         30.0,
         "uint8",
-        policy=RoutingPolicy(cool_s=5.0),
-        health_interval_s=kw.pop("health_interval_s", 1.0),
-        **kw,
+        routing=RoutingConfig(cool_s=5.0, health_interval_s=health_interval_s, refresh_s=refresh_s),
+        resolver=resolver,
     )
 
 
@@ -193,7 +200,7 @@ def throughput(n: int, args) -> dict:
         # warm: channels, and every avatar placed once (a first touch misses anywhere)
         feats = bytes(BLOCK_BYTES)
         with ThreadPoolExecutor(4 * n) as pool:
-            list(pool.map(lambda m: router.infer(m, 1, audio_features=feats), names))
+            list(pool.map(lambda m: router.infer(InferCall(m, 1, audio_features=feats)), names))
         Load(router, names, weights, threads=4 * n).run(args.warm_seconds).join()
         base = router.stats.calls, router.stats.hits, router.stats.cold
         load = Load(router, names, weights, threads=4 * n, seed=100).run(args.seconds).join()
@@ -246,10 +253,10 @@ def overhead(args) -> dict:
         for _ in range(6):  # alternated: the machine is noisy
             for label, client in (("direct", direct), ("routed", routed)):
                 for _ in range(30):
-                    client.infer("a", 1, audio_features=feats)
+                    client.infer(InferCall("a", 1, audio_features=feats))
                 t = time.perf_counter()
                 for _ in range(300):
-                    client.infer("a", 1, audio_features=feats)
+                    client.infer(InferCall("a", 1, audio_features=feats))
                 rounds[label].append((time.perf_counter() - t) / 300 * 1e3)
         routed.close()
         direct.close()
@@ -419,10 +426,10 @@ def proxy_main(args) -> dict:
             for _ in range(5):
                 for label, c in (("direct", direct), ("routed", routed), ("nginx", proxied)):
                     for _ in range(30):
-                        c.infer("a", 1, audio_features=feats)
+                        c.infer(InferCall("a", 1, audio_features=feats))
                     t0 = time.perf_counter()
                     for _ in range(300):
-                        c.infer("a", 1, audio_features=feats)
+                        c.infer(InferCall("a", 1, audio_features=feats))
                     rounds[label].append((time.perf_counter() - t0) / 300 * 1e3)
             out["call_ms_median"] = {k: statistics.median(v) for k, v in rounds.items()}
             for c in (direct, routed, proxied):
@@ -440,7 +447,7 @@ def proxy_main(args) -> dict:
         client = InferenceClient(proxy, MAX_MSG, 30.0, "uint8", interceptors=[ModelIdHeader()])
         try:
             with ThreadPoolExecutor(4 * n) as pool:
-                list(pool.map(lambda m: client.infer(m, 1, audio_features=feats), names))
+                list(pool.map(lambda m: client.infer(InferCall(m, 1, audio_features=feats)), names))
             load = Load(client, names, weights, threads=4 * n, seed=100).run(args.seconds).join()
             done = [r for r in load.records if r[2]]
             lat = sorted(e - s for s, e, _ in done)

@@ -18,9 +18,9 @@ from compositing_service.frames import AvatarFrames, FrameStore
 from compositing_service.inference_client import (
     ClipAudio,
     DeadlineError,
+    InferCall,
     InferenceClient,
     Mouths,
-    deadline_scope,
 )
 from lipsync.core.audio import SAMPLE_RATE
 from lipsync.core.lookahead import clip_span
@@ -104,8 +104,8 @@ class BatchDataplane:
             clip = ClipAudio(req.samples[start:stop].tobytes(), SAMPLE_RATE, "f32le", start)
         self._check_caller(req)
         t_inf = time.perf_counter()
-        with deadline_scope(req.deadline):
-            mouths = self.inference.infer(
+        mouths = self.inference.infer(
+            InferCall(
                 req.model_id,
                 k1 - k0,
                 face_crops=face_crops,
@@ -115,7 +115,9 @@ class BatchDataplane:
                 clip=clip,
                 audio_features=features or None,
                 clip_frame_offset=req.clip_frame_offset + k0,
+                deadline=req.deadline,
             )
+        )
         done = time.perf_counter()
         return _Chunk(crops, mouths, (t_inf - t) * 1e3, (done - t_inf) * 1e3)
 

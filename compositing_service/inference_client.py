@@ -4,12 +4,10 @@ Callers never build protobuf requests."""
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import logging
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -33,24 +31,6 @@ TRANSFER_TYPES = {"float32": ipb.FLOAT32, "float16": ipb.FLOAT16, "uint8": ipb.U
 # same mouths). UNAVAILABLE: the service is restarting or unreachable.
 RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
 
-# The deadline (time.monotonic()) of the caller the current inference calls work for:
-# set by the dataplane from the client's gRPC deadline and by streams (docs/RELIABILITY.md).
-# A contextvar, so the routing layer above the client passes it through unchanged.
-_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
-    "inference_deadline", default=None
-)
-
-
-@contextlib.contextmanager
-def deadline_scope(deadline: float | None) -> Iterator[None]:
-    """Inference calls made inside end by `deadline` (time.monotonic(); None: the
-    client's own timeout), retries included."""
-    token = _deadline.set(deadline)
-    try:
-        yield
-    finally:
-        _deadline.reset(token)
-
 
 @dataclass(frozen=True)
 class ClipAudio:
@@ -65,6 +45,50 @@ class ClipAudio:
     sample_rate: int = 0  # 0 means 16000
     encoding: str = "f32le"  # or "s16le"
     sample_offset: int = 0
+
+
+@dataclass(frozen=True, eq=False)  # arrays: compared by identity
+class InferCall:
+    """One Infer call as its callers make it: the mouths of clip frames
+    `clip_frame_offset .. + batch_size - 1` of avatar `model_id`. Built by the dataplane
+    and the streams' inference stage, passed whole through the router
+    (compositing_service/routing.py) to the client that sends it.
+
+    Visual: `face_crops` uint8 [B, 320, 320, 3] (the inner squares of the avatar's
+    crops) or `visual_input`, float32 [B, 6, 320, 320] bytes. Audio: `clip`, or
+    `audio_features`, float32 [B, 32, 16, 16] or one [32, 16, 16] block, as bytes.
+    `deadline` (time.monotonic(); None: the client's own timeout) ends the call, retries
+    included, when its caller's time is up (docs/RELIABILITY.md).
+    """
+
+    model_id: str
+    batch_size: int
+    face_crops: np.ndarray | None = None
+    visual_input: bytes | None = None
+    clip: ClipAudio | None = None
+    audio_features: bytes | None = None
+    clip_frame_offset: int = 0
+    deadline: float | None = None
+
+    def request(self) -> ipb.InferRequest:
+        """The call's InferRequest (without the output type: the client sets its own)."""
+        req = ipb.InferRequest(
+            model_id=self.model_id,
+            batch_size=self.batch_size,
+            clip_frame_offset=self.clip_frame_offset,
+        )
+        if self.face_crops is not None:
+            req.face_crops = np.ascontiguousarray(self.face_crops, np.uint8).tobytes()
+        elif self.visual_input is not None:
+            req.visual_input = self.visual_input
+        if self.clip is not None:
+            req.clip.pcm = self.clip.pcm
+            req.clip.sample_rate = self.clip.sample_rate
+            req.clip.encoding = audio_encoding_value(self.clip.encoding)
+            req.clip.sample_offset = self.clip.sample_offset
+        elif self.audio_features is not None:
+            req.audio_features = self.audio_features
+        return req
 
 
 def _retry_after_ms(exc: grpc.RpcError) -> int | None:
@@ -125,46 +149,15 @@ class InferenceClient:
         self._infer = infer_callable(self.channel)  # the mouths without protobuf's copies
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
 
-    def infer(
-        self,
-        model_id: str,
-        batch_size: int,
-        *,
-        face_crops: np.ndarray | None = None,
-        visual_input: bytes | None = None,
-        clip: ClipAudio | None = None,
-        audio_features: bytes | None = None,
-        clip_frame_offset: int = 0,
-    ) -> Mouths:
-        """Mouths of frames `clip_frame_offset .. + batch_size - 1` of one avatar.
+    def infer(self, call: InferCall) -> Mouths:
+        """The mouths of one call (see `InferCall`)."""
+        return self.call(call.request(), call.deadline)
 
-        Visual: `face_crops` uint8 [B, 320, 320, 3] (the inner squares of the avatar's
-        crops) or `visual_input`, float32 [B, 6, 320, 320] bytes. Audio: `clip`, or
-        `audio_features`, float32 [B, 32, 16, 16] or one [32, 16, 16] block, as bytes.
-        """
-        req = ipb.InferRequest(
-            model_id=model_id,
-            batch_size=batch_size,
-            clip_frame_offset=clip_frame_offset,
-            output_type=self.output_type,
-        )
-        if face_crops is not None:
-            req.face_crops = np.ascontiguousarray(face_crops, np.uint8).tobytes()
-        elif visual_input is not None:
-            req.visual_input = visual_input
-        if clip is not None:
-            req.clip.pcm = clip.pcm
-            req.clip.sample_rate = clip.sample_rate
-            req.clip.encoding = audio_encoding_value(clip.encoding)
-            req.clip.sample_offset = clip.sample_offset
-        elif audio_features is not None:
-            req.audio_features = audio_features
-        return self.call(req)
-
-    def call(self, request: ipb.InferRequest) -> Mouths:
-        """One Infer call of a built request (`infer` builds them)."""
+    def call(self, request: ipb.InferRequest, deadline: float | None = None) -> Mouths:
+        """One Infer call of a built request (`infer` builds them), ended by `deadline`
+        (time.monotonic(); None: the client's own timeout)."""
         request.output_type = self.output_type
-        resp, payload = self._call_with_retry(request)  # payload: a view
+        resp, payload = self._call_with_retry(request, deadline)  # payload: a view
         return Mouths(
             pixels=to_paste_pixels(payload, resp.output_type, resp.batch_size),
             stage_times_ms=dict(resp.stage_times_ms),
@@ -173,12 +166,11 @@ class InferenceClient:
             wire_bytes=len(payload),
         )
 
-    def _call_with_retry(self, request: ipb.InferRequest):  # type: ignore[no-untyped-def]
+    def _call_with_retry(self, request: ipb.InferRequest, deadline: float | None):  # type: ignore[no-untyped-def]
         """Infer, sent again on UNAVAILABLE with backoff (and `wait_for_ready`, so a call
         waits for a restarting service instead of failing at once) while the retry window
         (`retry_s` from the first failure) and the caller's deadline allow."""
         now = time.monotonic()
-        deadline = _deadline.get()
         end = now + self.timeout_s if deadline is None else min(deadline, now + self.timeout_s)
         retry_until = None
         first_error: grpc.RpcError | None = None

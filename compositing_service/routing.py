@@ -47,7 +47,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
-import numpy as np
 
 from compositing_service.endpoints import (
     Endpoint,
@@ -56,8 +55,8 @@ from compositing_service.endpoints import (
     is_multi_target,
     resolve,
 )
-from compositing_service.inference_client import ClipAudio, InferenceClient, Mouths
-from lipsync.config import Config
+from compositing_service.inference_client import InferCall, InferenceClient, Mouths
+from lipsync.config import Config, RoutingConfig
 from lipsync.proto import common_pb2 as common
 from lipsync.proto import inference_pb2 as ipb
 
@@ -69,19 +68,6 @@ FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
 SUSPECT_CODES = frozenset(
     {grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
 )
-
-
-@dataclass
-class RoutingPolicy:
-    """The knobs of `compositing.routing` the router itself uses."""
-
-    spread_min_inflight: int = 4
-    spread_factor: float = 1.25
-    max_replicas_per_avatar: int = 0  # 0: as many as there are
-    cool_s: float = 10.0
-    unload_on_drawback: bool = True
-    spread_after: int = 8  # calls in a row finding every replica at the bound, then spread
-    cold_choices: int = 0  # a cold avatar's candidates: its first k by rendezvous hash; 0: all
 
 
 @dataclass
@@ -109,9 +95,14 @@ class NoReplicaError(grpc.RpcError):
         return self._message
 
 
-def hrw(model_id: str, address: str) -> int:
-    """Rendezvous (highest random weight) score of an avatar on a replica."""
+def rendezvous_score(model_id: str, address: str) -> int:
+    """The rendezvous (highest random weight) hashing score of an avatar on a replica: an
+    avatar's replicas ranked by it are the same in every router."""
     return int.from_bytes(hashlib.blake2b(f"{model_id}|{address}".encode(), digest_size=8).digest())
+
+
+def _inflight(e: Endpoint) -> int:
+    return e.inflight
 
 
 class RoutedInferenceClient:
@@ -124,18 +115,14 @@ class RoutedInferenceClient:
         timeout_s: float,
         transfer: str,
         *,
-        policy: RoutingPolicy | None = None,
-        refresh_s: float = 5.0,
-        health_interval_s: float = 2.0,
-        health_timeout_s: float = 1.0,
+        routing: RoutingConfig | None = None,
         make_client: Callable[[str], InferenceClient] | None = None,
         start_threads: bool = True,
         resolver: Callable[[Target], list[str]] = resolve,
     ):
         self.address = address
         self.timeout_s = timeout_s
-        self.policy = policy or RoutingPolicy()
-        self.refresh_s = refresh_s
+        self.routing = routing or RoutingConfig()  # compositing.routing
         make = make_client or (lambda a: InferenceClient(a, max_message_bytes, timeout_s, transfer))
         self._lock = threading.Lock()
         self.placement: dict[str, list[str]] = {}
@@ -150,9 +137,9 @@ class RoutedInferenceClient:
         self.endpoints = EndpointSet(
             address,
             make,
-            refresh_s=refresh_s,
-            health_interval_s=health_interval_s,
-            health_timeout_s=health_timeout_s,
+            refresh_s=self.routing.refresh_s,
+            health_interval_s=self.routing.health_interval_s,
+            health_timeout_s=self.routing.health_timeout_s,
             resolver=resolver,
         )
         self._stop = threading.Event()
@@ -169,89 +156,119 @@ class RoutedInferenceClient:
     def _least_loaded(self, model_id: str, candidates: list[Endpoint]) -> Endpoint:
         placed = self._placed_counts()
         return min(
-            candidates, key=lambda e: (e.inflight, placed[e.address], -hrw(model_id, e.address))
+            candidates,
+            key=lambda e: (e.inflight, placed[e.address], -rendezvous_score(model_id, e.address)),
         )
 
     def _bound(self, healthy: list[Endpoint]) -> int:
         total = sum(e.inflight for e in healthy)
-        fair = math.ceil(self.policy.spread_factor * (total + 1) / len(healthy))
-        return max(self.policy.spread_min_inflight, fair)
+        fair = math.ceil(self.routing.spread_factor * (total + 1) / len(healthy))
+        return max(self.routing.spread_min_inflight, fair)
 
     def acquire(self, model_id: str, exclude: frozenset[str] | set[str] = frozenset()) -> Endpoint:
         """The replica for one call of `model_id` (counted in flight until `release`)."""
+        healthy = self._healthy(exclude)
+        now = time.monotonic()
+        with self._lock:
+            by_address = {e.address: e for e in healthy}
+            placed = [by_address[a] for a in self.placement.get(model_id, []) if a in by_address]
+            if placed:
+                chosen, hit = self._pick_placed(model_id, placed, healthy, now)
+            else:
+                chosen, hit = self._place_cold(model_id, healthy), False
+            self._count_call(model_id, chosen, hit, now)
+        return chosen
+
+    def _healthy(self, exclude: frozenset[str] | set[str]) -> list[Endpoint]:
+        """The healthy replicas not in `exclude` (if none, after one more health check);
+        NoReplicaError if there are none."""
         healthy = [e for e in self.endpoints.healthy() if e.address not in exclude]
         if not healthy:
             self.endpoints.check_health()  # one look before giving up: any back?
             healthy = [e for e in self.endpoints.healthy() if e.address not in exclude]
         if not healthy:
             raise NoReplicaError(f"no healthy inference replica at {self.address}")
-        by_address = {e.address: e for e in healthy}
-        now = time.monotonic()
-        with self._lock:
-            placed = self.placement.get(model_id, [])
-            reps = [by_address[a] for a in placed if a in by_address]
-            hit = True
-            if not reps:
-                candidates = healthy
-                if 0 < self.policy.cold_choices < len(healthy):
-                    # the avatar's first k replicas by rendezvous hash: the same k in every
-                    # compositing replica's router, so they do not scatter an avatar
-                    ranked = sorted(healthy, key=lambda e: -hrw(model_id, e.address))
-                    candidates = ranked[: self.policy.cold_choices]
-                chosen = self._least_loaded(model_id, candidates)
-                self.placement[model_id] = [chosen.address]
-                self.stats.cold += 1
-                hit = False
-            else:
-                bound = self._bound(healthy)
-                under = [e for e in reps if e.inflight < bound]
-                key = (threading.get_ident(), model_id)
-                mine = by_address.get(self._affinity.get(key, "")) if len(reps) > 1 else None
-                if mine is not None and mine in reps and mine.inflight < 2 * bound:
-                    chosen = mine  # a caller (a stream's thread) keeps its replica
-                elif reps[0].inflight < bound:
-                    chosen = reps[0]
-                    self._over.pop(model_id, None)
-                elif under:
-                    chosen = min(under, key=lambda e: e.inflight)
-                    self._over.pop(model_id, None)
-                else:
-                    others = [e for e in healthy if e.address not in placed]
-                    cap = self.policy.max_replicas_per_avatar or len(by_address)
-                    self._over[model_id] += 1  # all its replicas at the bound, again
-                    if (
-                        others
-                        and len(reps) < cap
-                        and self._over[model_id] >= self.policy.spread_after
-                    ):
-                        self._over.pop(model_id, None)
-                        chosen = self._least_loaded(model_id, others)
-                        self.placement[model_id] = [*placed, chosen.address]
-                        self._spread_at[model_id] = now
-                        self.stats.spreads += 1
-                        hit = False
-                        log.info(
-                            "avatar %s spread to %s (%d replicas)",
-                            model_id,
-                            chosen.address,
-                            len(reps) + 1,
-                        )
-                    else:
-                        chosen = min(reps, key=lambda e: e.inflight)
-            n_reps = len(self.placement[model_id])
-            if n_reps > 1:
-                if len(self._affinity) > 100_000:  # threads come and go; forget them all
-                    self._affinity.clear()
-                self._affinity[(threading.get_ident(), model_id)] = chosen.address
-            self._model_inflight[model_id] += 1
-            if self._model_inflight[model_id] > self.policy.spread_min_inflight * (n_reps - 1):
-                self._hot_at[model_id] = now
-            chosen.inflight += 1
-            chosen.calls += 1
-            self.stats.calls += 1
-            self.stats.hits += hit
-            self.stats.per_endpoint[chosen.address] += 1
+        return healthy
+
+    def _place_cold(self, model_id: str, healthy: list[Endpoint]) -> Endpoint:
+        """Place an avatar no healthy replica holds on the least-loaded candidate."""
+        candidates = healthy
+        k = self.routing.cold_choices
+        if 0 < k < len(healthy):
+            # the avatar's first k replicas by rendezvous hash: the same k in every
+            # compositing replica's router, so they do not scatter an avatar
+            candidates = sorted(healthy, key=lambda e: -rendezvous_score(model_id, e.address))[:k]
+        chosen = self._least_loaded(model_id, candidates)
+        self.placement[model_id] = [chosen.address]
+        self.stats.cold += 1
         return chosen
+
+    def _pick_placed(
+        self, model_id: str, reps: list[Endpoint], healthy: list[Endpoint], now: float
+    ) -> tuple[Endpoint, bool]:
+        """One of the avatar's healthy replicas `reps` (first the primary), or a replica it
+        spreads to; and whether the avatar was already there (a hit)."""
+        bound = self._bound(healthy)
+        kept = self._kept_replica(model_id, reps, bound)
+        if kept is not None:
+            return kept, True  # a caller (a stream's thread) keeps its replica
+        under = [e for e in reps if e.inflight < bound]
+        if under:
+            self._over.pop(model_id, None)
+            primary = reps[0]
+            return (primary if primary.inflight < bound else min(under, key=_inflight)), True
+        spread = self._spread(model_id, reps, healthy, now)
+        if spread is not None:
+            return spread, False
+        return min(reps, key=_inflight), True
+
+    def _kept_replica(self, model_id: str, reps: list[Endpoint], bound: int) -> Endpoint | None:
+        """The replica this calling thread got last time for an avatar on several, while
+        it has fewer than twice the bound in flight."""
+        if len(reps) < 2:
+            return None
+        address = self._affinity.get((threading.get_ident(), model_id))
+        for e in reps:
+            if e.address == address and e.inflight < 2 * bound:
+                return e
+        return None
+
+    def _spread(
+        self, model_id: str, reps: list[Endpoint], healthy: list[Endpoint], now: float
+    ) -> Endpoint | None:
+        """All of the avatar's replicas are at the bound: after `spread_after` such calls
+        in a row, place it on one more (the least-loaded other one), up to
+        `max_replicas_per_avatar`; None while it stays where it is."""
+        placed = self.placement[model_id]
+        self._over[model_id] += 1  # all its replicas at the bound, again
+        others = [e for e in healthy if e.address not in placed]
+        cap = self.routing.max_replicas_per_avatar or len(healthy)
+        if not others or len(reps) >= cap or self._over[model_id] < self.routing.spread_after:
+            return None
+        self._over.pop(model_id, None)
+        chosen = self._least_loaded(model_id, others)
+        self.placement[model_id] = [*placed, chosen.address]
+        self._spread_at[model_id] = now
+        self.stats.spreads += 1
+        log.info("avatar %s spread to %s (%d replicas)", model_id, chosen.address, len(reps) + 1)
+        return chosen
+
+    def _count_call(self, model_id: str, chosen: Endpoint, hit: bool, now: float) -> None:
+        """Book one call of `model_id` on `chosen`: in flight, the calling thread's
+        replica, whether the avatar needs all its replicas, statistics."""
+        n_reps = len(self.placement[model_id])
+        if n_reps > 1:
+            if len(self._affinity) > 100_000:  # threads come and go; forget them all
+                self._affinity.clear()
+            self._affinity[(threading.get_ident(), model_id)] = chosen.address
+        self._model_inflight[model_id] += 1
+        if self._model_inflight[model_id] > self.routing.spread_min_inflight * (n_reps - 1):
+            self._hot_at[model_id] = now
+        chosen.inflight += 1
+        chosen.calls += 1
+        self.stats.calls += 1
+        self.stats.hits += hit
+        self.stats.per_endpoint[chosen.address] += 1
 
     def release(self, model_id: str, ep: Endpoint) -> None:
         with self._lock:
@@ -307,32 +324,11 @@ class RoutedInferenceClient:
                 self.release(model_id, ep)
 
     # -- InferenceClient's interface ----------------------------------------------------
-    def infer(
-        self,
-        model_id: str,
-        batch_size: int,
-        *,
-        face_crops: np.ndarray | None = None,
-        visual_input: bytes | None = None,
-        clip: ClipAudio | None = None,
-        audio_features: bytes | None = None,
-        clip_frame_offset: int = 0,
-    ) -> Mouths:
-        return self._routed(
-            model_id,
-            lambda c: c.infer(
-                model_id,
-                batch_size,
-                face_crops=face_crops,
-                visual_input=visual_input,
-                clip=clip,
-                audio_features=audio_features,
-                clip_frame_offset=clip_frame_offset,
-            ),
-        )
+    def infer(self, call: InferCall) -> Mouths:
+        return self._routed(call.model_id, lambda c: c.infer(call))
 
-    def call(self, request: ipb.InferRequest) -> Mouths:
-        return self._routed(request.model_id, lambda c: c.call(request))
+    def call(self, request: ipb.InferRequest, deadline: float | None = None) -> Mouths:
+        return self._routed(request.model_id, lambda c: c.call(request, deadline))
 
     def healthy(self, timeout_s: float = 1.0) -> bool:
         """Whether any replica is up (as of the last health check; if none was, checked
@@ -435,7 +431,7 @@ class RoutedInferenceClient:
         with self._lock:
             for m, addresses in by_model.items():
                 if m not in self.placement:
-                    self.placement[m] = sorted(addresses, key=lambda a: -hrw(m, a))
+                    self.placement[m] = sorted(addresses, key=lambda a: -rendezvous_score(m, a))
 
     def draw_back(self, now: float | None = None) -> list[tuple[str, str]]:
         """Take the last-added replica from avatars that have not needed all of theirs for
@@ -447,7 +443,7 @@ class RoutedInferenceClient:
                 if len(reps) < 2:
                     continue
                 quiet_since = max(self._hot_at.get(m, 0.0), self._spread_at.get(m, 0.0))
-                if now - quiet_since < self.policy.cool_s:
+                if now - quiet_since < self.routing.cool_s:
                     continue
                 out.append((m, reps.pop()))
                 self._spread_at[m] = now  # one replica per cool_s
@@ -455,7 +451,7 @@ class RoutedInferenceClient:
         for m, address in out:
             log.info("avatar %s drawn back from %s", m, address)
             ep = self.endpoints.get(address)
-            if self.policy.unload_on_drawback and ep is not None and ep.healthy:
+            if self.routing.unload_on_drawback and ep is not None and ep.healthy:
                 try:
                     ep.client.unload_model(m)
                 except grpc.RpcError as exc:
@@ -479,7 +475,7 @@ class RoutedInferenceClient:
             try:
                 self.draw_back()
                 if time.monotonic() >= next_sync:
-                    next_sync = time.monotonic() + self.refresh_s
+                    next_sync = time.monotonic() + self.routing.refresh_s
                     self.sync()
             except Exception:
                 log.exception("router upkeep failed")
@@ -494,23 +490,11 @@ def connect_inference(
     c = cfg.compositing
     if not is_multi_target(c.inference_address):
         return make_client(c.inference_address)
-    r = c.routing
     return RoutedInferenceClient(
         c.inference_address,
         cfg.limits.max_message_bytes,
         c.inference_timeout_s,
         c.transfer_dtype,
-        policy=RoutingPolicy(
-            spread_min_inflight=r.spread_min_inflight,
-            spread_factor=r.spread_factor,
-            max_replicas_per_avatar=r.max_replicas_per_avatar,
-            cool_s=r.cool_s,
-            unload_on_drawback=r.unload_on_drawback,
-            spread_after=r.spread_after,
-            cold_choices=r.cold_choices,
-        ),
-        refresh_s=r.refresh_s,
-        health_interval_s=r.health_interval_s,
-        health_timeout_s=r.health_timeout_s,
+        routing=c.routing,
         make_client=make_client,
     )

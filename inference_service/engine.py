@@ -1,8 +1,8 @@
 """The inference pipeline: audio clip -> mel -> windows -> encoder -> per-frame audio
 blocks, face crops -> visual input, then the UNet over the batch.
 
-Transport-free: the gRPC servicer (server.py) decodes requests into the numpy
-arrays this module takes and encodes what it returns.
+Transport-free: the gRPC servicer (servicer.py) decodes each request into the
+`EngineRequest` this module takes and encodes what it returns.
 """
 
 from __future__ import annotations
@@ -37,6 +37,25 @@ class Timings:
         now = time.perf_counter()
         self.ms[stage] = self.ms.get(stage, 0.0) + (now - t0) * 1000.0
         return now
+
+
+@dataclass(frozen=True, eq=False)  # arrays: compared by identity
+class EngineRequest:
+    """One batch's inputs, decoded (the servicer builds it from an InferRequest).
+
+    Visual: `face_crops` uint8 [B, 320, 320, 3] or `visual` float32 [B, 6, 320, 320].
+    Audio: `clip` (float32 16 kHz samples from `sample_offset` on; frame k is clip frame
+    `clip_frame_offset + k`) or `features` float32 [B, 32, 16, 16] / [1, 32, 16, 16].
+    """
+
+    model_id: str
+    batch_size: int
+    face_crops: np.ndarray | None = None
+    visual: np.ndarray | None = None
+    clip: np.ndarray | None = None
+    features: np.ndarray | None = None
+    clip_frame_offset: int = 0
+    sample_offset: int = 0
 
 
 @dataclass
@@ -160,38 +179,22 @@ class InferenceEngine:
         return blocks
 
     # -- the whole request --------------------------------------------------------
-    def infer(
-        self,
-        model_id: str,
-        batch_size: int,
-        *,
-        face_crops: np.ndarray | None = None,
-        visual: np.ndarray | None = None,
-        clip: np.ndarray | None = None,
-        features: np.ndarray | None = None,
-        clip_frame_offset: int = 0,
-        sample_offset: int = 0,
-    ) -> InferResult:
-        """Mouth regions [B, 3, 320, 320] for one batch.
-
-        Visual: `face_crops` uint8 [B, 320, 320, 3] or `visual` float32 [B, 6, 320, 320].
-        Audio: `clip` (float32 16 kHz samples; frame k is clip frame offset + k) or
-        `features` float32 [B, 32, 16, 16] / [1, 32, 16, 16].
-        """
+    def infer(self, req: EngineRequest) -> InferResult:
+        """Mouth regions [B, 3, 320, 320] for one batch (see `EngineRequest`)."""
         timings = Timings()
-        b = batch_size
+        b = req.batch_size
+        face_crops, visual, features = req.face_crops, req.visual, req.features
         if (face_crops is None) == (visual is None):
             raise RequestError("exactly one of face crops or visual input is required")
-        if (clip is None) == (features is None):
+        if (req.clip is None) == (features is None):
             raise RequestError("audio is required: raw audio or audio features")
         t_load = time.perf_counter()
-        nets = self.registry.get(model_id)
+        nets = self.registry.get(req.model_id)
         timings.add("model_load", t_load)
         t_start = time.perf_counter()
-        if clip is not None:
-            audio_in = self.clip_blocks(
-                nets, clip, np.arange(b) + clip_frame_offset, timings, sample_offset
-            )
+        if req.clip is not None:
+            frames = np.arange(b) + req.clip_frame_offset
+            audio_in = self.clip_blocks(nets, req.clip, frames, timings, req.sample_offset)
         else:
             assert features is not None
             audio_in = (
@@ -205,7 +208,7 @@ class InferenceEngine:
         t0 = timings.add("visual_input", t0)
         out = nets.run_unet(vis, np.asarray(audio_in, np.float32))
         timings.add("unet", t0)
-        self.registry.record(model_id, b, (time.perf_counter() - t_start) * 1000.0)
+        self.registry.record(req.model_id, b, (time.perf_counter() - t_start) * 1000.0)
         return InferResult(out, timings, nets.provider)
 
     def close(self) -> None:

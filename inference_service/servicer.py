@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2
 
 from inference_service.batching import CallerScope, Expired, caller_scope
-from inference_service.engine import InferenceEngine
+from inference_service.engine import EngineRequest, InferenceEngine
 from inference_service.service_metrics import observe_engine, unobserve_engine
 from inference_service.sessions import NetworkSignatureError
 from lipsync import __version__
@@ -58,18 +57,6 @@ def encode_mouths(mouths: np.ndarray, output_type: int) -> np.ndarray:
     return np.ascontiguousarray(mouths, np.float32)
 
 
-@dataclass
-class DecodedInfer:
-    model_id: str
-    batch: int
-    face_crops: np.ndarray | None
-    visual: np.ndarray | None
-    clip: np.ndarray | None
-    features: np.ndarray | None
-    offset: int
-    sample_offset: int
-
-
 class InferenceServicer(ipb_grpc.InferenceServiceServicer):
     def __init__(self, engine: InferenceEngine, cfg: Config):
         self.engine = engine
@@ -92,7 +79,7 @@ class InferenceServicer(ipb_grpc.InferenceServiceServicer):
             clip.pcm, enc, clip.sample_rate, max_seconds=self.cfg.limits.max_audio_seconds
         )
 
-    def _decode(self, req: ipb.InferRequest) -> DecodedInfer:
+    def _decode(self, req: ipb.InferRequest) -> EngineRequest:
         b = check_batch_size(req.batch_size, self.cfg.limits.max_batch_size)
         check_clip_frame_offset(req.clip_frame_offset)
         face_crops = visual = clip = features = None
@@ -121,15 +108,15 @@ class InferenceServicer(ipb_grpc.InferenceServiceServicer):
                 raise RequestError("audio_features contains NaN or infinite values")
         else:
             raise RequestError("audio is required (clip or audio_features)")
-        return DecodedInfer(
+        return EngineRequest(
             req.model_id,
             b,
-            face_crops,
-            visual,
-            clip,
-            features,
-            req.clip_frame_offset,
-            req.clip.sample_offset if clip is not None else 0,
+            face_crops=face_crops,
+            visual=visual,
+            clip=clip,
+            features=features,
+            clip_frame_offset=req.clip_frame_offset,
+            sample_offset=req.clip.sample_offset if clip is not None else 0,
         )
 
     def _model_id(self, model_id: str) -> str:
@@ -176,19 +163,10 @@ class InferenceServicer(ipb_grpc.InferenceServiceServicer):
 
     def _infer(self, request: ipb.InferRequest) -> InferReply:
         t0 = time.perf_counter()
-        d = self._decode(request)
-        self._model_id(d.model_id)
+        req = self._decode(request)
+        self._model_id(req.model_id)
         decode_ms = (time.perf_counter() - t0) * 1000.0
-        res = self.engine.infer(
-            d.model_id,
-            d.batch,
-            face_crops=d.face_crops,
-            visual=d.visual,
-            clip=d.clip,
-            features=d.features,
-            clip_frame_offset=d.offset,
-            sample_offset=d.sample_offset,
-        )
+        res = self.engine.infer(req)
         t1 = time.perf_counter()
         payload = encode_mouths(res.mouths, request.output_type)
         timings = dict(res.timings.ms)
@@ -196,7 +174,7 @@ class InferenceServicer(ipb_grpc.InferenceServiceServicer):
         timings["encode"] = (time.perf_counter() - t1) * 1000.0
         fields = ipb.InferResponse(
             output_type=request.output_type,
-            batch_size=d.batch,
+            batch_size=req.batch_size,
             gpu_id=self.cfg.inference.device_id if "CUDA" in res.provider else -1,
             stage_times_ms=timings,
             execution_provider=res.provider,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from inference_service.batching import DynamicBatcher
-from inference_service.engine import InferenceEngine
+from inference_service.engine import EngineRequest, InferenceEngine
 from tests.avatar_factory import speech_like
 from tests.conftest import service_config
 
@@ -92,7 +92,7 @@ def test_batched_results_equal_unbatched(engines):
     clips = [speech_like(1.0 + 0.2 * i, seed=i) for i in range(4)]
     crops = [rng.integers(0, 256, (3 + i, 320, 320, 3), dtype=np.uint8) for i in range(4)]
     expected = [
-        off.infer("alice", len(c), face_crops=c, clip=a, clip_frame_offset=i).mouths
+        off.infer(EngineRequest("alice", len(c), face_crops=c, clip=a, clip_frame_offset=i)).mouths
         for i, (c, a) in enumerate(zip(crops, clips, strict=True))
     ]
     start = threading.Barrier(4)
@@ -100,7 +100,9 @@ def test_batched_results_equal_unbatched(engines):
     def go(i: int) -> np.ndarray:
         start.wait()
         return on.infer(
-            "alice", len(crops[i]), face_crops=crops[i], clip=clips[i], clip_frame_offset=i
+            EngineRequest(
+                "alice", len(crops[i]), face_crops=crops[i], clip=clips[i], clip_frame_offset=i
+            )
         ).mouths
 
     with ThreadPoolExecutor(4) as pool:
@@ -127,12 +129,16 @@ def test_encoder_rows_are_encoded_once_across_requests(engines):
     crops = np.zeros((8, 320, 320, 3), np.uint8)
     enc = off.registry.get("alice").encoder
     fresh = [
-        off.infer("alice", 8, face_crops=crops, clip=clip, clip_frame_offset=k).mouths
+        off.infer(
+            EngineRequest("alice", 8, face_crops=crops, clip=clip, clip_frame_offset=k)
+        ).mouths
         for k in (0, 8, 16)
     ]
     misses = enc.misses
     again = [
-        off.infer("alice", 8, face_crops=crops, clip=clip, clip_frame_offset=k).mouths
+        off.infer(
+            EngineRequest("alice", 8, face_crops=crops, clip=clip, clip_frame_offset=k)
+        ).mouths
         for k in (0, 8, 16)
     ]
     assert enc.misses == misses  # nothing encoded twice

@@ -202,18 +202,20 @@ def test_huge_clip_frame_offset_is_cheap_and_frames_past_the_end_are_defined(
 ):
     client = InferenceClient(services.inference_address, 1 << 26, 30, "uint8")
     crops = np.zeros((2, 320, 320, 3), np.uint8)
-    from compositing_service.inference_client import ClipAudio
+    from compositing_service.inference_client import ClipAudio, InferCall
 
     short = speech_like(0.5, seed=3)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.monotonic()
     for offset in (30, 10_000, 2**31 - 10):
         m = client.infer(
-            "alice",
-            2,
-            face_crops=crops,
-            clip=ClipAudio(short.tobytes()),
-            clip_frame_offset=offset,
+            InferCall(
+                "alice",
+                2,
+                face_crops=crops,
+                clip=ClipAudio(short.tobytes()),
+                clip_frame_offset=offset,
+            )
         )
         assert m.pixels.shape == (2, 320, 320, 3)
     assert time.monotonic() - t0 < 10.0
@@ -383,24 +385,26 @@ def test_deadline_reaches_the_inference_call(services):
 
 
 def test_inference_calls_end_by_the_callers_deadline(services):
-    from compositing_service.inference_client import ClipAudio, DeadlineError, deadline_scope
+    from compositing_service.inference_client import ClipAudio, DeadlineError, InferCall
+
+    def call(deadline: float) -> InferCall:
+        return InferCall("alice", 1, face_crops=crops, clip=clip, deadline=deadline)
 
     client = InferenceClient(services.inference_address, 1 << 26, 30, "uint8", retry_s=5.0)
     crops = np.zeros((1, 320, 320, 3), np.uint8)
     clip = ClipAudio(speech_like(0.5).tobytes())
     try:
-        with deadline_scope(time.monotonic() - 1), pytest.raises(DeadlineError):
-            client.infer("alice", 1, face_crops=crops, clip=clip)
-        with deadline_scope(time.monotonic() + 30):
-            assert client.infer("alice", 1, face_crops=crops, clip=clip).pixels.shape[0] == 1
+        with pytest.raises(DeadlineError):
+            client.infer(call(time.monotonic() - 1))
+        assert client.infer(call(time.monotonic() + 30)).pixels.shape[0] == 1
     finally:
         client.close()
     # a service that is not there: retried (waiting for it) only within the deadline
     gone = InferenceClient(f"127.0.0.1:{free_port()}", 1 << 26, 30, "uint8", retry_s=20.0)
     t0 = time.monotonic()
     try:
-        with deadline_scope(time.monotonic() + 1.0), pytest.raises(grpc.RpcError) as err:
-            gone.infer("alice", 1, face_crops=crops, clip=clip)
+        with pytest.raises(grpc.RpcError) as err:
+            gone.infer(call(time.monotonic() + 1.0))
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert time.monotonic() - t0 < 2.0 and gone.retries >= 1
     finally:

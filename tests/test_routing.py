@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 
 from compositing_service.endpoints import Target, parse_targets, resolve
-from compositing_service.inference_client import Mouths
+from compositing_service.inference_client import InferCall, Mouths
 from compositing_service.routing import (
     NoReplicaError,
     RoutedInferenceClient,
-    RoutingPolicy,
-    hrw,
+    rendezvous_score,
 )
 from lipsync.client import chunked, clip_requests
+from lipsync.config import RoutingConfig
 from lipsync.core import audio, windows
 from lipsync.proto import common_pb2 as common
 from lipsync.proto import compositing_pb2 as cpb
@@ -52,15 +52,17 @@ class FakeClient:
         self.loaded: set[str] = set()
         self.calls = 0
         self.log: list[tuple[int, float]] = []  # (calling thread, time) of each call
+        self.received: list[InferCall] = []
 
-    def infer(self, model_id, batch_size, **_kw):
+    def infer(self, call: InferCall):
         if self.dead:
             raise Dead()
         self.calls += 1
-        self.loaded.add(model_id)
+        self.received.append(call)
+        self.loaded.add(call.model_id)
         self.log.append((threading.get_ident(), time.monotonic()))
         time.sleep(self.delay_s)
-        return Mouths(np.zeros((batch_size, 1), np.uint8), {}, 0, "fake", 0)
+        return Mouths(np.zeros((call.batch_size, 1), np.uint8), {}, 0, "fake", 0)
 
     def healthy(self, timeout_s=1.0):
         return not self.dead
@@ -98,7 +100,7 @@ def fake_router(n: int, delay_s: float = 0.0, **policy) -> tuple[RoutedInference
         1 << 20,
         5.0,
         "uint8",
-        policy=RoutingPolicy(**policy),
+        routing=RoutingConfig(**policy),
         make_client=make,  # type: ignore[arg-type]
         start_threads=False,
     )
@@ -118,14 +120,14 @@ def test_targets_parse_lists_and_dns_names():
 def test_cold_avatars_spread_evenly_and_stick():
     router, fakes = fake_router(3)
     for m in "abcdef":
-        router.infer(m, 1)
+        router.infer(InferCall(m, 1))
     placed = {m: router.replicas_of(m) for m in "abcdef"}
     assert all(len(r) == 1 for r in placed.values())
     per_replica = {a: sum(r == [a] for r in placed.values()) for a in fakes}
     assert sorted(per_replica.values()) == [2, 2, 2]
     for _ in range(3):  # the same replica every time (a stream stays on one replica)
         for m in "abcdef":
-            router.infer(m, 1)
+            router.infer(InferCall(m, 1))
             assert router.replicas_of(m) == placed[m]
     assert router.stats.hits == 18 and router.stats.cold == 6
     assert {a: len(f.loaded) for a, f in fakes.items()} == per_replica
@@ -138,16 +140,16 @@ def test_cold_choices_keep_independent_routers_on_the_same_replicas():
         for ep in router.endpoints.all()[:busy]:
             ep.inflight = 5
         for m in range(20):
-            router.infer(f"m{m}", 1)
+            router.infer(InferCall(f"m{m}", 1))
         placed.append({f"m{m}": router.replicas_of(f"m{m}")[0] for m in range(20)})
     for m in placed[0]:
-        ranked = sorted(fakes, key=lambda a: -hrw(m, a))[:2]
+        ranked = sorted(fakes, key=lambda a: -rendezvous_score(m, a))[:2]
         assert placed[0][m] in ranked and placed[1][m] in ranked
 
 
 def test_hot_avatar_spreads_past_the_bound_and_is_drawn_back():
     router, fakes = fake_router(4, delay_s=0.05, spread_min_inflight=2, spread_after=1, cool_s=0.2)
-    threads = [threading.Thread(target=router.infer, args=("hot", 1)) for _ in range(8)]
+    threads = [threading.Thread(target=router.infer, args=(InferCall("hot", 1),)) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
@@ -169,7 +171,7 @@ def test_hot_avatar_spreads_past_the_bound_and_is_drawn_back():
 def test_a_stream_thread_keeps_its_replica_while_its_avatar_is_spread():
     router, fakes = fake_router(3, delay_s=0.02, spread_min_inflight=2, spread_after=1)
     threads = [
-        threading.Thread(target=lambda: [router.infer("hot", 1) for _ in range(15)])
+        threading.Thread(target=lambda: [router.infer(InferCall("hot", 1)) for _ in range(15)])
         for _ in range(8)
     ]
     for t in threads:
@@ -189,27 +191,53 @@ def test_a_stream_thread_keeps_its_replica_while_its_avatar_is_spread():
         assert sum(x != y for x, y in itertools.pairwise(order)) <= 1, order
 
 
+def test_a_spread_stops_at_max_replicas_per_avatar():
+    placed = {}
+    for cap in (2, 0):
+        router, _ = fake_router(
+            4, spread_min_inflight=1, spread_after=1, max_replicas_per_avatar=cap
+        )
+        router.infer(InferCall("hot", 1))
+        for _ in range(3):  # every replica of the avatar busy: a spread each time, up to the cap
+            for a in router.replicas_of("hot"):
+                router.endpoints.get(a).inflight = 10
+            router._affinity.clear()  # a new caller (one thread would keep its replica)
+            router.infer(InferCall("hot", 1))
+        placed[cap] = len(router.replicas_of("hot"))
+        assert router.stats.spreads == placed[cap] - 1
+    assert placed == {2: 2, 0: 4}
+
+
+def test_a_call_reaches_its_replica_whole():
+    """The router passes the caller's InferCall, deadline included, to the replica's client."""
+    router, fakes = fake_router(3)
+    call = InferCall("a", 2, audio_features=bytes(8), clip_frame_offset=7, deadline=123.0)
+    router.infer(call)
+    (address,) = router.replicas_of("a")
+    assert fakes[address].received == [call] and fakes[address].received[0] is call
+
+
 def test_failover_on_unavailable_and_no_replica_left():
     router, fakes = fake_router(2)
-    router.infer("a", 2)
+    router.infer(InferCall("a", 2))
     (first,) = router.replicas_of("a")
     fakes[first].dead = True
-    router.infer("a", 2)  # runs again on the other replica
+    router.infer(InferCall("a", 2))  # runs again on the other replica
     (second,) = router.replicas_of("a")
     assert second != first and router.stats.failovers == 1
     assert not router.endpoints.get(first).healthy
     fakes[second].dead = True
     with pytest.raises(grpc.RpcError) as err:
-        router.infer("a", 2)
+        router.infer(InferCall("a", 2))
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     fakes[first].dead = False  # back: the next health check finds it
     router.endpoints.check_health()
-    router.infer("a", 2)
+    router.infer(InferCall("a", 2))
     assert router.replicas_of("a") == [first]
     fakes[first].dead = fakes[second].dead = True
     router.endpoints.check_health()
     with pytest.raises(NoReplicaError):
-        router.infer("b", 1)
+        router.infer(InferCall("b", 1))
 
 
 def test_admin_fans_out_and_adds_up():
@@ -231,7 +259,7 @@ def test_a_restarted_router_adopts_where_avatars_are():
     fakes[addresses[2]].loaded.add("x")
     router.sync()
     assert router.replicas_of("x") == [addresses[2]]
-    router.infer("x", 1)
+    router.infer(InferCall("x", 1))
     assert fakes[addresses[2]].calls == 1 and router.stats.hits == 1
 
 
@@ -251,14 +279,14 @@ def test_new_replica_from_dns_gets_cold_work():
         start_threads=False,
         resolver=resolver,
     )
-    router.infer("a", 1)
+    router.infer(InferCall("a", 1))
     names["svc"] = ["10.0.0.1:1", "10.0.0.2:1"]
     router.endpoints.refresh()
-    router.infer("b", 1)
+    router.infer(InferCall("b", 1))
     assert router.replicas_of("b") == ["10.0.0.2:1"]
     names["svc"] = ["10.0.0.2:1"]
     router.endpoints.refresh()
-    router.infer("a", 1)  # its replica left the name: placed again
+    router.infer(InferCall("a", 1))  # its replica left the name: placed again
     assert router.replicas_of("a") == ["10.0.0.2:1"]
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from compositing_service.compositor import BatchCrops
-from compositing_service.inference_client import Mouths
+from compositing_service.inference_client import InferCall, Mouths
 from compositing_service.streaming import StreamError, StreamSession
 from compositing_service.streaming.composite_stage import CompositeStage, OutFrame
 from compositing_service.streaming.handoff import Handoff
@@ -97,20 +97,24 @@ class FakeInference:
         self.calls: list[dict] = []
         self.fail = fail
 
-    def infer(self, model_id, batch_size, *, face_crops, clip, clip_frame_offset) -> Mouths:
+    def infer(self, call: InferCall) -> Mouths:
+        # the stage sends face crops and the clip, never visual input or features
+        assert call.face_crops is not None and call.clip is not None
+        assert call.visual_input is None and call.audio_features is None
         self.calls.append(
             dict(
-                model_id=model_id,
-                batch_size=batch_size,
-                backgrounds=[int(v) for v in face_crops[:, 0, 0, 0]],
-                clip=clip,
-                first=clip_frame_offset,
+                model_id=call.model_id,
+                batch_size=call.batch_size,
+                backgrounds=[int(v) for v in call.face_crops[:, 0, 0, 0]],
+                clip=call.clip,
+                first=call.clip_frame_offset,
             )
         )
         if self.fail is not None:
             raise self.fail
-        px = np.zeros((batch_size, 320, 320, 3), np.uint8)
-        px[:, 0, 0, 0] = np.arange(clip_frame_offset, clip_frame_offset + batch_size) % 256
+        first, size = call.clip_frame_offset, call.batch_size
+        px = np.zeros((size, 320, 320, 3), np.uint8)
+        px[:, 0, 0, 0] = np.arange(first, first + size) % 256
         return Mouths(px, {}, 0, "fake", px.nbytes)
 
 

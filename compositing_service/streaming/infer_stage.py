@@ -16,8 +16,8 @@ from compositing_service.frames import AvatarFrames
 from compositing_service.inference_client import (
     ClipAudio,
     DeadlineError,
+    InferCall,
     InferenceClient,
-    deadline_scope,
 )
 from compositing_service.streaming.ingest import SPEECH_SPAN, AudioTail
 from compositing_service.streaming.planner import Batch
@@ -121,8 +121,8 @@ class InferStage:
         crops = self.compositor.crops(self.avatar, backgrounds)
         tail = batch.tail
         budget = None if self.call_budget_s is None else self.call_budget_s()
-        with deadline_scope(None if budget is None else time.monotonic() + budget):
-            mouths = self.inference.infer(
+        mouths = self.inference.infer(
+            InferCall(
                 self.model_id,
                 batch.size,
                 face_crops=crops.inner,
@@ -133,7 +133,9 @@ class InferStage:
                     sample_offset=tail.offset,
                 ),
                 clip_frame_offset=batch.first,
+                deadline=None if budget is None else time.monotonic() + budget,
             )
+        )
         if self.stale(batch):
             return None
         return InferredBatch(
