@@ -11,7 +11,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from inference_service.servicer import start
+    from inference_service.server import start
     from lipsync.serving.grpc_server import run_service
 
     return run_service("inference_service", __doc__, lambda c: c.inference, start, argv)

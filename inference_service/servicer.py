@@ -1,5 +1,6 @@
-"""gRPC transport of the inference service: decodes requests into arrays, calls the
-engine, encodes the mouth regions. Errors become gRPC status codes."""
+"""gRPC transport of the inference service: decodes requests into arrays
+(request_checks.py), calls the engine, encodes the mouth regions. Errors become gRPC
+status codes. server.py builds and starts the server."""
 
 from __future__ import annotations
 
@@ -8,39 +9,22 @@ import time
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2
 
 from inference_service.batching import CallerScope, Expired, caller_scope
-from inference_service.engine import EngineRequest, InferenceEngine
-from inference_service.service_metrics import observe_engine, unobserve_engine
+from inference_service.engine import InferenceEngine
+from inference_service.request_checks import decode_infer, served_model
 from inference_service.sessions import NetworkSignatureError
-from lipsync import __version__
-from lipsync.avatars.package import AvatarError, check_model_id
+from lipsync.avatars.package import AvatarError
 from lipsync.config import Config
-from lipsync.core.audio import decode_pcm
-from lipsync.core.tensors import FACE_CROP_BYTES, VISUAL_BYTES
 from lipsync.core.visual import mouth_to_uint8
 from lipsync.proto import common_pb2 as common
 from lipsync.proto import inference_pb2 as ipb
 from lipsync.proto import inference_pb2_grpc as ipb_grpc
-from lipsync.rpc.infer_wire import InferReply, add_inference_servicer
-from lipsync.rpc.messages import audio_encoding
-from lipsync.rpc.tls import serve_health_port, server_credentials_of
+from lipsync.rpc.infer_wire import InferReply
 from lipsync.serving.admission import Admission, RateLimitedLog
-from lipsync.serving.grpc_server import RunningService, add_health, bind, create_server
-from lipsync.serving.observability import Observability
-from lipsync.serving.request_checks import (
-    RequestError,
-    check_batch_size,
-    check_clip_frame_offset,
-    check_feature_bytes,
-    check_tensor_bytes,
-)
 from lipsync.serving.status_codes import abort, domain_status
 
 log = logging.getLogger(__name__)
-
-SERVICE_NAME = "lipsync.inference.InferenceService"
 
 
 def encode_mouths(mouths: np.ndarray, output_type: int) -> np.ndarray:
@@ -67,63 +51,9 @@ class InferenceServicer(ipb_grpc.InferenceServiceServicer):
         )
         self._internal_errors = RateLimitedLog(log)
 
-    # -- request decoding ------------------------------------------------------------
-    def _clip(self, clip: ipb.AudioClip) -> np.ndarray:
-        try:
-            enc = audio_encoding(clip.encoding)
-        except ValueError as exc:
-            raise RequestError(str(exc)) from exc
-        if clip.sample_offset and clip.sample_rate not in (0, 16000):
-            raise RequestError("sample_offset needs 16 kHz audio")
-        return decode_pcm(
-            clip.pcm, enc, clip.sample_rate, max_seconds=self.cfg.limits.max_audio_seconds
-        )
-
-    def _decode(self, req: ipb.InferRequest) -> EngineRequest:
-        b = check_batch_size(req.batch_size, self.cfg.limits.max_batch_size)
-        check_clip_frame_offset(req.clip_frame_offset)
-        face_crops = visual = clip = features = None
-        which = req.WhichOneof("visual")
-        # each read of a protobuf bytes field copies it: read each once
-        if which == "face_crops":
-            data = req.face_crops
-            check_tensor_bytes("face_crops", len(data), b, FACE_CROP_BYTES, "uint8 [B,320,320,3]")
-            face_crops = np.frombuffer(data, np.uint8).reshape(b, 320, 320, 3)
-        elif which == "visual_input":
-            data = req.visual_input
-            check_tensor_bytes("visual_input", len(data), b, VISUAL_BYTES, "float32 [B,6,320,320]")
-            visual = np.frombuffer(data, np.float32).reshape(b, 6, 320, 320)
-            if not np.isfinite(visual).all():
-                raise RequestError("visual_input contains NaN or infinite values")
-        else:
-            raise RequestError("a visual input is required (face_crops or visual_input)")
-        which = req.WhichOneof("audio")
-        if which == "clip":
-            clip = self._clip(req.clip)
-        elif which == "audio_features":
-            data = req.audio_features
-            check_feature_bytes("audio_features", len(data), b)
-            features = np.frombuffer(data, np.float32).reshape(-1, 32, 16, 16)
-            if not np.all(np.isfinite(features)):
-                raise RequestError("audio_features contains NaN or infinite values")
-        else:
-            raise RequestError("audio is required (clip or audio_features)")
-        return EngineRequest(
-            req.model_id,
-            b,
-            face_crops=face_crops,
-            visual=visual,
-            clip=clip,
-            features=features,
-            clip_frame_offset=req.clip_frame_offset,
-            sample_offset=req.clip.sample_offset if clip is not None else 0,
-        )
-
     def _model_id(self, model_id: str) -> str:
         """`model_id` if an avatar of that name is served; else UnknownModelError."""
-        check_model_id(model_id)
-        self.engine.catalog.get(model_id)
-        return model_id
+        return served_model(self.engine.catalog, model_id)
 
     def _guard(self, context: grpc.ServicerContext, fn, *args):  # type: ignore[no-untyped-def]
         """Run fn; map expected errors to status codes, log unexpected ones."""
@@ -163,8 +93,7 @@ class InferenceServicer(ipb_grpc.InferenceServiceServicer):
 
     def _infer(self, request: ipb.InferRequest) -> InferReply:
         t0 = time.perf_counter()
-        req = self._decode(request)
-        self._model_id(req.model_id)
+        req = decode_infer(request, self.cfg.limits, self.engine.catalog)
         decode_ms = (time.perf_counter() - t0) * 1000.0
         res = self.engine.infer(req)
         t1 = time.perf_counter()
@@ -248,53 +177,3 @@ class InferenceServicer(ipb_grpc.InferenceServiceServicer):
             loaded_bytes=snap.loaded_bytes,
             max_bytes=reg.max_bytes,
         )
-
-
-def start(
-    cfg: Config,
-    port: int | None = None,
-    engine: InferenceEngine | None = None,
-    preload: bool = True,
-) -> RunningService:
-    """Start the inference service. `port=0` binds a free port. With `preload`, the
-    models of `inference.registry.preload` are loaded before the health service says
-    SERVING (calls that come earlier are served, loading what they need)."""
-    engine = engine or InferenceEngine(cfg)
-    obs = Observability(cfg, "inference", cfg.inference.host, cfg.inference.metrics_port)
-    server = create_server(
-        cfg.inference.max_workers, cfg.limits.max_message_bytes, interceptors=obs.interceptors
-    )
-    servicer = InferenceServicer(engine, cfg)
-    add_inference_servicer(servicer, server)
-    health_servicer = add_health(server, [SERVICE_NAME])
-    obs.attach(server, [SERVICE_NAME])
-    observe_engine(obs, engine, health_servicer)
-    tls = cfg.inference.tls  # with client_ca_file: only callers with a certificate it signed
-    bound = bind(
-        server,
-        cfg.inference.host,
-        cfg.inference.port if port is None else port,
-        server_credentials_of(tls),
-    )
-    if preload:
-        for name in ("", SERVICE_NAME):
-            health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    server.start()
-    obs.serve()
-    health_port = serve_health_port(health_servicer, cfg.inference.host, tls.health_port)
-    log.info("inference service %s listening on %s:%d", __version__, cfg.inference.host, bound)
-    if preload:
-        engine.preload()
-        for name in ("", SERVICE_NAME):
-            health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("preload done: %d model(s) loaded", len(engine.registry.loaded_ids()))
-    engine.registry.start_idle_reaper()
-
-    def close() -> None:  # after the server stopped
-        if health_port is not None:
-            health_port.stop(0)
-        obs.close()
-        unobserve_engine(obs, engine)
-        engine.close()
-
-    return RunningService(server, bound, health_servicer, servicer, close, obs)

@@ -67,8 +67,8 @@ class Services:
 
 
 def start_services(cfg: Config) -> Services:
-    from compositing_service.servicer import start as start_compositing
-    from inference_service.servicer import start as start_inference
+    from compositing_service.server import start as start_compositing
+    from inference_service.server import start as start_inference
 
     inf = start_inference(cfg, port=0)
     cfg.compositing.inference_address = f"127.0.0.1:{inf.port}"

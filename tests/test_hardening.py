@@ -135,7 +135,7 @@ def offline_frames(stub, clip: np.ndarray, start: int = 0) -> list[bytes]:
 
 
 def start_compositing(cfg, inference_address: str):
-    from compositing_service.servicer import start
+    from compositing_service.server import start
 
     cfg.compositing.inference_address = inference_address
     return start(cfg, port=0, preload=False)

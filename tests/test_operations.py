@@ -328,7 +328,7 @@ def test_a_stream_trace_holds_its_inference_calls(ops, clip):
 
 
 def test_metrics_port_is_released_on_stop(avatars_root, shared_encoder):
-    from inference_service.servicer import start
+    from inference_service.server import start
 
     cfg = service_config(avatars_root, shared_encoder)
     cfg.inference.metrics_port = port = free_port()
@@ -342,7 +342,7 @@ def test_metrics_port_is_released_on_stop(avatars_root, shared_encoder):
 
 
 def test_metrics_port_zero_is_off(avatars_root, shared_encoder):
-    from inference_service.servicer import start
+    from inference_service.server import start
 
     cfg = service_config(avatars_root, shared_encoder)  # metrics_port 0
     svc = start(cfg, port=0, preload=False)
@@ -730,7 +730,7 @@ def test_k8s_monitoring_overlay_validates(overlay, tmp_path):
 
 def test_tracing_and_gpu_packages_are_imported_only_when_used():
     code = (
-        "import sys, compositing_service.servicer, inference_service.servicer, lipsync.client;"
+        "import sys, compositing_service.server, inference_service.server, lipsync.client;"
         "bad = sorted(m for m in sys.modules if m.startswith(('opentelemetry', 'pynvml')));"
         "assert not bad, bad"
     )
@@ -819,13 +819,12 @@ def test_realtime_late_and_skipped_frames_are_counted_by_the_pacer():
     """The realtime pacer counts where it paces (its events feed the service's counters
     through compositing_service.service_metrics.pace_events); the interceptor infers nothing from
     the frames it sees (it counts them, no more)."""
-    from compositing_service.service_metrics import pace_events
+    from compositing_service.service_metrics import CompositingMetrics, pace_events
     from compositing_service.streaming.output import FrameMessages, RealtimePacer
     from compositing_service.streaming.schedule import Schedule
     from lipsync.serving import observability as observe
-    from lipsync.serving.metrics import ServiceMetrics
 
-    m = ServiceMetrics("compositing")
+    m = CompositingMetrics()
     now = [10.0]
 
     def sleep(seconds: float) -> None:

@@ -306,7 +306,7 @@ def six_avatars(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def cluster(six_avatars, shared_encoder):
     replicas = start_replicas(replica_env(six_avatars, shared_encoder), ["127.0.0.1"] * 3)
-    from compositing_service.servicer import start as start_compositing
+    from compositing_service.server import start as start_compositing
 
     cfg = service_config(six_avatars, shared_encoder)
     cfg.compositing.inference_address = ",".join(r.address for r in replicas)

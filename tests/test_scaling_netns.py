@@ -102,7 +102,7 @@ def netns_cluster(tmp_path_factory, shared_encoder):
             prefix=[["ip", "netns", "exec", hosts.ns(k)] for k in range(N)],
             port=50051,
         )
-        from compositing_service.servicer import start as start_compositing
+        from compositing_service.server import start as start_compositing
 
         cfg = service_config(root, shared_encoder)
         cfg.compositing.inference_address = ",".join(r.address for r in replicas)

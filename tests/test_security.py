@@ -93,8 +93,8 @@ def keys_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def secured(avatars_root, shared_encoder, pki, keys_file):
     """Both services: mutual TLS between them, TLS + API keys on the client port."""
-    from compositing_service.servicer import start as start_compositing
-    from inference_service.servicer import start as start_inference
+    from compositing_service.server import start as start_compositing
+    from inference_service.server import start as start_inference
 
     cfg = service_config(avatars_root, shared_encoder)
     cfg.inference.registry.preload = []

@@ -255,7 +255,7 @@ def test_standard_grpc_health_on_both_ports(services):
 
 
 def test_inference_down_is_a_clean_error(avatars_root, shared_encoder, clip):
-    from compositing_service.servicer import start
+    from compositing_service.server import start
     from tests.conftest import service_config
 
     cfg = service_config(avatars_root, shared_encoder)
@@ -295,7 +295,7 @@ def test_large_batches_are_computed_in_pipelined_chunks(
     services, avatars_root, shared_encoder, clip
 ):
     """With 3-frame chunks, every kind of input is cut into chunks and reassembled."""
-    from compositing_service.servicer import start
+    from compositing_service.server import start
     from tests.conftest import service_config
 
     cfg = service_config(avatars_root, shared_encoder)

@@ -305,18 +305,18 @@ def test_bad_message_mid_session_gets_an_error(services, message, needle):
 
 
 def test_closing_the_socket_cancels_the_grpc_stream(services):
-    servicer = services.compositing.servicer
+    streams = services.compositing.servicer.streams
 
     async def body(client):
         s = await open_session(client, model="alice", sample_rate=16000)
         await s.wait(lambda: len(s.frames) >= 3)
         await s.send_audio(speech_like(1.0, seed=9), realtime=False)
-        assert servicer._streams >= 1
+        assert streams.count >= 1
         await s.ws.close()
         deadline = time.monotonic() + 10
-        while servicer._streams and time.monotonic() < deadline:
+        while streams.count and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        return servicer._streams
+        return streams.count
 
     assert run(with_client(services, body)) == 0
 

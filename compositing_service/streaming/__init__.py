@@ -11,11 +11,23 @@ The session is a pipeline of small stages, each usable alone:
 - `composite_stage`: paste and JPEG, in order;
 - `output`: `RealtimePacer` (paced at the avatar's fps, idle frames) or `OfflineSink`;
 - `session`: `StreamSession`, the wiring, threads and events (interrupt, failure,
-  cancel).
+  cancel);
+- `open_streams`: `OpenStreams`, the service's bound on open streams and what shutdown
+  does to them (drain, stop).
 """
 
 from compositing_service.streaming.ingest import StreamError
+from compositing_service.streaming.open_streams import OpenStreams, StreamsClosed
 from compositing_service.streaming.output import LATE, SKIPPED, PaceCounts
 from compositing_service.streaming.session import StreamSession, in_context_thread
 
-__all__ = ["LATE", "SKIPPED", "PaceCounts", "StreamError", "StreamSession", "in_context_thread"]
+__all__ = [
+    "LATE",
+    "SKIPPED",
+    "OpenStreams",
+    "PaceCounts",
+    "StreamError",
+    "StreamSession",
+    "StreamsClosed",
+    "in_context_thread",
+]

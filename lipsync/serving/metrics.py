@@ -1,24 +1,34 @@
-"""Prometheus metrics of the services (docs/OPERATIONS.md lists every series).
+"""Prometheus metrics both services share (docs/OPERATIONS.md lists every series).
 
-Each running service owns a `ServiceMetrics`: its own `CollectorRegistry` (no process-wide
-state, so two services in one process, as in the tests, never mix their counts, and a
-stopped service leaves nothing behind) served over HTTP by `MetricsServer` on
-`inference.metrics_port` / `compositing.metrics_port` (0: off; port 0 in tests picks a
-free one). The library's process and platform collectors add CPU, memory and file
-descriptors; `GpuCollector` adds GPU memory and utilisation where `nvidia-ml-py` and a GPU
-are (nothing, and no error, elsewhere).
+Each running service owns its metrics: a subclass of `ServiceMetrics` in the service
+(`inference_service/service_metrics.py: InferenceMetrics`,
+`compositing_service/service_metrics.py: CompositingMetrics`) with its own
+`CollectorRegistry` (no process-wide state, so two services in one process, as in the
+tests, never mix their counts, and a stopped service leaves nothing behind) served over
+HTTP by `MetricsServer` on `inference.metrics_port` / `compositing.metrics_port` (0: off;
+port 0 in tests picks a free one). The base class holds the series every service has
+(requests, durations, stages, calls in progress, build info) and the library's process
+and platform collectors (CPU, memory, file descriptors); `GpuCollector` adds GPU memory
+and utilisation where `nvidia-ml-py` and a GPU are (nothing, and no error, elsewhere).
 
-Cardinality: no series has a label per request, stream or frame. `model_id` appears only
-on `lipsync_frames_total`, and only for the first `compositing.metrics_model_labels`
-avatars served; later ones count as `model_id="other"` (`ModelLabels`), so thousands of
-avatars give a bounded number of series. Stage and batch histograms have no model label.
+The shared server interceptor (lipsync.serving.observability) knows no service's
+messages: it hands each call's first request and every response to the service's
+metrics (`call_started`, `count_response`, `call_ended`), which say what the messages
+carry (the model, a stream's mode, frames delivered).
+
+Cardinality: no series has a label per request, stream or frame. A `model_id` label is
+given only through `ModelLabels`: the first `limit` avatars served get their own value,
+later ones count as `model_id="other"`, so thousands of avatars give a bounded number of
+series.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -34,8 +44,10 @@ STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 LATENCY_BUCKETS = (0.04, 0.08, 0.12, 0.16, 0.2, 0.3, 0.4, 0.5, 0.75, 1, 1.5, 2, 3, 5)
-EVICTION_REASONS = ("capacity", "unload", "idle")
 LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+EVICTION_REASONS = ("capacity", "unload", "idle")
+# A BoundedStore's events (lipsync.serving.store) that drop an entry -> the reason label.
+EVICTION_EVENTS = dict(zip(("evict", "unload", "idle_unload"), EVICTION_REASONS, strict=True))
 
 
 class ModelLabels:
@@ -59,10 +71,21 @@ class ModelLabels:
         return "other"
 
 
-class ServiceMetrics:
-    """The metrics of one service ("inference" or "compositing")."""
+@dataclass
+class CallView:
+    """What a service's metrics read from one call's first request: the method, the model
+    it is for, and for a stream its mode ("realtime", "offline"; None: not a stream)."""
 
-    def __init__(self, service: str, model_labels: int = 50):
+    rpc: str
+    model_id: str = ""
+    stream_mode: str | None = None
+
+
+class ServiceMetrics:
+    """The metrics every service has; a service subclasses it with its own series and
+    says, through the three hooks below, what its messages carry."""
+
+    def __init__(self, service: str):
         self.service = service
         r = self.registry = CollectorRegistry()
         ProcessCollector(registry=r)
@@ -98,118 +121,22 @@ class ServiceMetrics:
             registry=r,
         )
         self.queue_depth.labels(service)
-        self.model_label = ModelLabels(model_labels)
-        if service == "compositing":
-            self._compositing(r)
-        else:
-            self._inference(r)
 
-    # -- per service -------------------------------------------------------------------
-    def _compositing(self, r: CollectorRegistry) -> None:
-        self.frames = Counter(
-            "lipsync_frames",
-            "Frames delivered to clients (model_id: the first metrics_model_labels "
-            "avatars, then 'other').",
-            ["model_id", "rpc"],
-            registry=r,
-        )
-        self.active_streams = Gauge(
-            "lipsync_active_streams", "Open StreamComposite streams.", ["mode"], registry=r
-        )
-        for mode in ("realtime", "offline"):
-            self.active_streams.labels(mode)
-        self.realtime_late = Counter(
-            "lipsync_realtime_frames_late",
-            "Realtime stream frames sent more than one frame interval after their slot was "
-            "due on the stream's clock (counted by the stream's pacer).",
-            registry=r,
-        )
-        self.realtime_skipped = Counter(
-            "lipsync_realtime_frames_skipped",
-            "Realtime stream slots skipped to catch up with the clock (counted by the "
-            "stream's pacer: idle frames dropped for a slow client).",
-            registry=r,
-        )
-        self.stream_latency = Histogram(
-            "lipsync_stream_frame_latency_seconds",
-            "StreamComposite: from the arrival of the last audio a speech frame needed to "
-            "its sending (StreamFrame.latency_ms).",
-            ["mode"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        for mode in ("realtime", "offline"):
-            self.stream_latency.labels(mode)
-        self.cache_hits = Counter(
-            "lipsync_background_cache_hits",
-            "Lookups of an avatar's frames already decoded in memory.",
-            registry=r,
-        )
-        self.cache_misses = Counter(
-            "lipsync_background_cache_misses",
-            "Lookups that had to load (decode) an avatar's frames.",
-            registry=r,
-        )
-        self.cache_evictions = Counter(
-            "lipsync_background_cache_evictions",
-            "Avatars' frames dropped from memory (capacity, unload, idle).",
-            ["reason"],
-            registry=r,
-        )
-        for reason in EVICTION_REASONS:
-            self.cache_evictions.labels(reason)
-        self.cache_load_seconds = Histogram(
-            "lipsync_background_cache_load_seconds",
-            "Time to load one avatar's frames (its files read, headers checked).",
-            buckets=LOAD_BUCKETS,
-            registry=r,
-        )
-        self.cache_bytes = Gauge(
-            "lipsync_background_cache_bytes",
-            "Bytes the frames store holds: frame files and their cached JPEGs.",
-            registry=r,
-        )
-        self.cache_avatars = Gauge(
-            "lipsync_background_cache_avatars", "Avatars whose frames are held.", registry=r
-        )
+    # -- what the service's messages carry (called by the server interceptor) -----------
+    def call_started(self, rpc: str, request: Any) -> CallView:
+        """A call's first request: the model it is for (every request of this project
+        that names a model has a `model_id` field). A service whose requests say more (a
+        stream's start message) overrides this."""
+        return CallView(rpc, getattr(request, "model_id", "") or "")
 
-    def _inference(self, r: CollectorRegistry) -> None:
-        self.batch_size = Histogram(
-            "lipsync_batch_size",
-            "Frames per UNet run (dynamic batching).",
-            buckets=BATCH_BUCKETS,
-            registry=r,
-        )
-        self.inferred_frames = Counter(
-            "lipsync_inferred_frames", "Frames the UNet produced for Infer calls.", registry=r
-        )
-        self.models_loaded = Gauge(
-            "lipsync_models_loaded", "Avatars whose networks are in memory.", registry=r
-        )
-        self.models_max = Gauge("lipsync_models_max", "inference.registry.max_models.", registry=r)
-        self.model_bytes = Gauge(
-            "lipsync_model_file_bytes",
-            "ONNX file bytes of the loaded networks (the registry's max_bytes budget).",
-            registry=r,
-        )
-        self.model_loads = Counter(
-            "lipsync_model_loads", "Networks loaded into memory.", registry=r
-        )
-        self.model_evictions = Counter(
-            "lipsync_model_evictions",
-            "Networks dropped from memory, by reason (capacity, unload, idle).",
-            ["reason"],
-            registry=r,
-        )
-        for reason in EVICTION_REASONS:
-            self.model_evictions.labels(reason)
-        self.model_load_seconds = Histogram(
-            "lipsync_model_load_seconds",
-            "Time to load one avatar's networks.",
-            buckets=LOAD_BUCKETS,
-            registry=r,
-        )
-        r.register(GpuCollector())
+    def count_response(self, call: CallView, response: Any) -> int:
+        """Count what one response carries; returns the frames it delivered to the
+        client (the access line's count). Nothing here: the service knows its replies."""
+        return 0
+
+    def call_ended(self, call: CallView) -> None:
+        """The call ended, whatever its status (after `call_started`, or without a
+        request read)."""
 
     # -- observations ------------------------------------------------------------------
     def stages(self, stages_ms: Mapping[str, float]) -> None:
@@ -218,36 +145,6 @@ class ServiceMetrics:
         for stage, ms in stages_ms.items():
             if "." not in stage:
                 self.stage_seconds.labels(self.service, stage).observe(ms / 1000.0)
-
-    def store_listener(self, kind: str) -> Callable[[str, str, float], None]:
-        """A `BoundedStore.on_event` for the model registry ("models") or the frames
-        store ("frames")."""
-        reasons = dict(zip(("evict", "unload", "idle_unload"), EVICTION_REASONS, strict=True))
-
-        def on_event(event: str, key: str, seconds: float) -> None:
-            if kind == "frames":
-                if event == "hit":
-                    self.cache_hits.inc()
-                elif event == "miss":
-                    self.cache_misses.inc()
-                elif event == "load":
-                    self.cache_load_seconds.observe(seconds)
-                elif event in reasons:
-                    self.cache_evictions.labels(reasons[event]).inc()
-            else:
-                if event == "load":
-                    self.model_loads.inc()
-                    self.model_load_seconds.observe(seconds)
-                elif event in reasons:
-                    self.model_evictions.labels(reasons[event]).inc()
-
-        return on_event
-
-    def batch_listener(self, run) -> None:  # type: ignore[no-untyped-def]
-        """`DynamicBatcher.events` of a UNet: the run's size and each request's wait."""
-        self.batch_size.observe(run.rows)
-        for wait in run.waits_s:
-            self.stage_seconds.labels(self.service, "queue_wait").observe(wait)
 
 
 class GpuCollector:

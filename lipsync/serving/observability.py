@@ -6,13 +6,13 @@ server reflection and per-model health (docs/OPERATIONS.md).
 /metrics port) and, once stopped, `close()`.
 
 Every RPC passes `ServerObserver`: it takes the caller's `x-request-id` (or makes one),
-tags the call's log lines with it (lipsync.serving.logs), opens a server span whose parent comes
-from the caller's `traceparent` (with tracing on), counts `lipsync_requests_total` and
-the call's duration, keeps `lipsync_queue_depth` (calls in progress) and writes one access
-line. It reads this project's messages by their fields, not their types: a request's
-`model_id` (or a stream's `start.model_id` / `start.realtime`), a reply's `stage_times_ms`
-(observed as `lipsync_stage_seconds`), InferBatchComposite's `composited_frames` and each
-StreamFrame (counted as `lipsync_frames_total`), Infer's `batch_size`.
+tags the call's log lines with it (lipsync.serving.logs), opens a server span whose parent
+comes from the caller's `traceparent` (with tracing on), counts `lipsync_requests_total`
+and the call's duration, keeps `lipsync_queue_depth` (calls in progress) and writes one
+access line. It knows no service's messages: the service's metrics (a
+`lipsync.serving.metrics.ServiceMetrics`) read the call's first request (`call_started`:
+its model, a stream's mode), count each response (`count_response`: stage times, frames
+delivered) and close what the call opened (`call_ended`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from grpc_health.v1 import health, health_pb2
 
 from lipsync.config import Config
 from lipsync.serving.logs import add_ids, call_ids, current_ids
-from lipsync.serving.metrics import MetricsServer, ServiceMetrics
+from lipsync.serving.metrics import CallView, MetricsServer, ServiceMetrics
 
 log = logging.getLogger(__name__)
 access = logging.getLogger("lipsync.access")
@@ -62,8 +62,7 @@ class _Call:
         self.request_id = metadata.get(REQUEST_ID_KEY) or uuid.uuid4().hex[:16]
         self.metadata = metadata
         self.t0 = time.perf_counter()
-        self.model_id = ""
-        self.stream_mode: str | None = None
+        self.view = CallView(self.rpc)  # until its first request is read
         self.frames = 0
         self.noted: list[grpc.StatusCode] = []
         self._stack = ExitStack()
@@ -77,46 +76,20 @@ class _Call:
                 self.obs.tracing.server_span(self.rpc, self.metadata)
             )
         m = self.obs.metrics
-        if m is not None:
-            m.queue_depth.labels(m.service).inc()
+        m.queue_depth.labels(m.service).inc()
 
     def request(self, req: Any) -> None:
-        model_id = getattr(req, "model_id", "")
-        if not model_id and _has(req, "start"):
-            start = req.start
-            model_id = start.model_id
-            self.stream_mode = "realtime" if start.realtime else "offline"
+        """The call's first request, read by the service's metrics."""
+        self.view = view = self.obs.metrics.call_started(self.rpc, req)
+        if view.stream_mode is not None:
             add_ids(stream_id=self.request_id)
-            m = self.obs.metrics
-            if m is not None and hasattr(m, "active_streams"):
-                m.active_streams.labels(self.stream_mode).inc()
-        if model_id:
-            self.model_id = model_id
-            add_ids(model_id=model_id)
+        if view.model_id:
+            add_ids(model_id=view.model_id)
             if self.obs.tracing is not None:
-                self.obs.tracing.annotate(model_id=model_id)
+                self.obs.tracing.annotate(model_id=view.model_id)
 
     def response(self, resp: Any) -> None:
-        m = self.obs.metrics
-        fields = getattr(resp, "fields", resp)  # Infer answers an InferReply
-        if m is None:
-            return
-        stages = getattr(fields, "stage_times_ms", None)
-        if stages:
-            m.stages(stages)
-        if hasattr(m, "frames"):
-            if hasattr(fields, "composited_frames"):
-                if fields.success:
-                    n = len(fields.composited_frames)
-                    self.frames += n
-                    m.frames.labels(m.model_label(self.model_id), self.rpc).inc(n)
-            elif hasattr(fields, "jpeg") and hasattr(fields, "pts_ms"):  # a StreamFrame
-                self.frames += 1
-                m.frames.labels(m.model_label(self.model_id), self.rpc).inc()
-                if fields.generated and self.stream_mode is not None:
-                    m.stream_latency.labels(self.stream_mode).observe(fields.latency_ms / 1e3)
-        elif hasattr(fields, "batch_size") and hasattr(fields, "execution_provider"):
-            m.inferred_frames.inc(fields.batch_size)
+        self.frames += self.obs.metrics.count_response(self.view, resp)
 
     def finish(self, code: grpc.StatusCode | None, exc: BaseException | None = None) -> None:
         if self._done:
@@ -128,12 +101,10 @@ class _Call:
             code = self.noted[-1]
         seconds = time.perf_counter() - self.t0
         m = self.obs.metrics
-        if m is not None:
-            m.requests.labels(m.service, self.rpc, code.name).inc()
-            m.request_seconds.labels(m.service, self.rpc).observe(seconds)
-            m.queue_depth.labels(m.service).dec()
-            if self.stream_mode is not None and hasattr(m, "active_streams"):
-                m.active_streams.labels(self.stream_mode).dec()
+        m.requests.labels(m.service, self.rpc, code.name).inc()
+        m.request_seconds.labels(m.service, self.rpc).observe(seconds)
+        m.queue_depth.labels(m.service).dec()
+        m.call_ended(self.view)
         if self.obs.tracing is not None:
             self.obs.tracing.end_status(code.name, exc)
         level = self.obs.access_level
@@ -161,17 +132,10 @@ class _Call:
             self._stack.close()
 
 
-def _has(msg: Any, field: str) -> bool:
-    try:
-        return msg.HasField(field)
-    except (AttributeError, ValueError):
-        return False
-
-
 class ServerObserver(grpc.ServerInterceptor):
     def __init__(
         self,
-        metrics: ServiceMetrics | None,
+        metrics: ServiceMetrics,
         access_log: str = "info",
         tracing: Any = None,
     ):
@@ -306,18 +270,19 @@ class _ClientCallDetails(grpc.ClientCallDetails):
 
 
 class Observability:
-    """A service's metrics registry and port, interceptors, tracing and reflection."""
+    """A service's metrics (the service's own `ServiceMetrics`) and their port,
+    interceptors, tracing and reflection."""
 
-    def __init__(self, cfg: Config, service: str, host: str, metrics_port: int):
-        self.service = service
+    def __init__(self, cfg: Config, metrics: ServiceMetrics, host: str, metrics_port: int):
+        self.service = metrics.service
         self.host = host
         self.metrics_port = metrics_port
-        self.metrics = ServiceMetrics(service, cfg.compositing.metrics_model_labels)
+        self.metrics = metrics
         self.tracing = None
         if cfg.tracing.enabled:
             from lipsync.serving.tracing import Tracing
 
-            self.tracing = Tracing(cfg.tracing, f"lipsync-{service}")
+            self.tracing = Tracing(cfg.tracing, f"lipsync-{self.service}")
         self.server_interceptor = ServerObserver(self.metrics, cfg.access_log, self.tracing)
         self.client_interceptor = ClientObserver(self.tracing)
         self.http: MetricsServer | None = None

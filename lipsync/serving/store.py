@@ -70,7 +70,7 @@ class BoundedStore(Generic[V]):
         self._stop = threading.Event()
         self._reaper: threading.Thread | None = None
         # on_event(event, key, seconds): "hit", "miss", "load" (its seconds), "evict",
-        # "unload", "idle_unload" (lipsync.serving.metrics counts them); None: not observed.
+        # "unload", "idle_unload" (each service's metrics count them); None: not observed.
         self.on_event: Callable[[str, str, float], None] | None = None
 
     def _event(self, event: str, key: str, seconds: float = 0.0) -> None:
