@@ -10,6 +10,7 @@ model admin (the rest).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -28,6 +29,7 @@ from compositing_service.inference_client import DeadlineError, InferenceClient
 from compositing_service.observe import observe_frames, pace_events
 from compositing_service.routing import connect_inference
 from compositing_service.streaming import StreamError, StreamSession, in_context_thread
+from compositing_service.video_encoder import EncoderError, H264Encoder, choose_encoder
 from lipsync import __version__
 from lipsync.admission import Admission, HealthWatcher, Overloaded, RateLimitedLog, set_health
 from lipsync.avatar_package import AvatarCatalog, AvatarError, check_model_id
@@ -70,8 +72,14 @@ class CompositingServicer(cpb_grpc.CompositingServiceServicer):
         inference: InferenceClient,
         compositor: Compositor,
         metrics: ServiceMetrics | None = None,
+        h264_encoder: str | None = None,  # the H.264 encoder chosen at start (None: none)
     ):
         self.cfg = cfg
+        self.h264 = (
+            functools.partial(H264Encoder, h264_encoder, cfg.compositing.stream.h264)
+            if h264_encoder is not None
+            else None
+        )
         self.metrics = metrics
         self.admin = admin
         self.dataplane = dataplane
@@ -96,7 +104,7 @@ class CompositingServicer(cpb_grpc.CompositingServiceServicer):
             return status
         if isinstance(exc, StreamError):
             return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-        if isinstance(exc, AvatarError):
+        if isinstance(exc, AvatarError | EncoderError):
             return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
         if isinstance(exc, DeadlineError):
             return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
@@ -236,6 +244,7 @@ class CompositingServicer(cpb_grpc.CompositingServiceServicer):
                 lambda i: avatar.encoded(i, encoder).data,
                 # realtime: skipped slots and late frames, counted by the pacer
                 on_pace=pace_events(self.metrics) if self.metrics is not None else None,
+                h264=self.h264,
             )
         except Exception as exc:
             self._abort(context, exc)
@@ -310,6 +319,10 @@ class CompositingServicer(cpb_grpc.CompositingServiceServicer):
 def start(cfg: Config, port: int | None = None, preload: bool = True) -> RunningService:
     """Start the compositing service (non-blocking). `port=0` binds a free port."""
     c = cfg.compositing
+    # H.264 streams: the first configured encoder that works here; none is an error now,
+    # not a failure of every H.264 stream later
+    h264_encoder = choose_encoder(c.stream.h264)
+    log.info("H.264 streams use the %s encoder", h264_encoder)
     obs = Observability(cfg, "compositing", c.host, c.metrics_port)
     catalog = AvatarCatalog(cfg.avatars_path)
     fc = c.frame_cache
@@ -339,6 +352,7 @@ def start(cfg: Config, port: int | None = None, preload: bool = True) -> Running
         inference,
         compositor,
         metrics=obs.metrics,
+        h264_encoder=h264_encoder,
     )
     # Streams hold a handler thread for their life: they get max_sessions threads of their
     # own (admission counts them), so unary calls and health checks always find one of
