@@ -141,7 +141,7 @@ class H264Muxer:
         packet = av.Packet(au)
         packet.stream = self._video
         packet.pts = packet.dts = t
-        packet.time_base = self._video.time_base
+        packet.time_base = 1 / self.rate  # rescaled to the stream's by the muxer
         packet.is_keyframe = keyframe
         try:
             self._container.mux(packet)
