@@ -179,7 +179,7 @@ class H264Config:
     encoder: list[str] = field(default_factory=lambda: ["libx264"])
     bitrate_kbps: int = 1500  # target and VBV ceiling per second of video
     keyframe_interval_s: float = 2.0  # an IDR picture this often (and on request)
-    preset: str = "veryfast"  # libx264's speed/quality preset (ultrafast .. veryslow)
+    preset: str = "superfast"  # libx264's speed/quality preset (ultrafast .. veryslow)
     threads: int = 1  # encoder threads per stream (1: streams scale one per core share)
 
 
