@@ -20,6 +20,7 @@ from lipsync.client import (
     pad_audio,
 )
 from lipsync.media import write_jpeg_folder, write_mp4
+from lipsync.video_out import WHIP_UNAVAILABLE
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".m4v")
 
@@ -71,14 +72,16 @@ def output_kind(out: str | Path) -> str:
 
 def check_h264_targets(out: str | Path | None, push: list[str]) -> None:
     """Raise `UsageError` unless `out` (if any) is a video file and each push target an
-    rtmp:// or WHIP http(s):// URL, and there is at least one."""
+    rtmp(s):// URL, and there is at least one."""
     if out is None and not push:
         raise UsageError("nothing to write: give --out, --push or both")
     if out is not None and output_kind(out) != "video":
         raise UsageError("--codec h264 writes a video file (.mp4, .mov, .mkv), not frames")
     for url in push:
-        if not url.lower().startswith(("rtmp://", "rtmps://", "http://", "https://")):
-            raise UsageError(f"--push {url!r}: an rtmp:// URL or a WHIP endpoint's http(s):// URL")
+        if url.lower().startswith(("http://", "https://")):
+            raise UsageError(f"--push {url!r}: {WHIP_UNAVAILABLE}")
+        if not url.lower().startswith(("rtmp://", "rtmps://")):
+            raise UsageError(f"--push {url!r}: give an rtmp:// or rtmps:// URL")
 
 
 def check_model(client: LipsyncClient, model: str) -> None:
@@ -152,10 +155,9 @@ def render_h264_to(
 ) -> RenderSummary:
     """Render `audio16k` as an H.264 stream (StreamStart.video_codec H264) and remux its
     access units, without decoding them, into the video file `out` and/or live to each
-    `push` URL (rtmp://..., or a WHIP endpoint's http(s)://...), the frames' own audio
-    encoded to AAC (Opus for WHIP). With `push` the stream is a realtime one: the service
-    sends the frames at 25 fps, and they go out as they come. A partial file is removed
-    on failure."""
+    `push` URL (rtmp://...), the frames' own audio encoded to AAC. With `push` the
+    stream is a realtime one: the service sends the frames at 25 fps, and they go out
+    as they come. A partial file is removed on failure."""
     from lipsync.video_out import H264Muxer, VideoOutError
 
     check_h264_targets(out, list(push))

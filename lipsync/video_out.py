@@ -1,7 +1,7 @@
 """H.264 streams (StreamFrame.h264, docs/DELIVERY.md) out of the client: into an MP4 (or
-MKV/MOV) file, or live to an RTMP or WHIP endpoint, by remuxing the access units the
+MKV/MOV) file, or live to an RTMP server, by remuxing the access units the
 service encoded (no decode, no re-encode); their audio (the frames' `audio`, s16le 16 kHz
-mono) is encoded to AAC (Opus for WHIP, which WebRTC requires). And a decoder of access
+mono) is encoded to AAC. And a decoder of access
 units to BGR pictures, for checks and for callers who want pixels.
 
 PyAV (the `render` extra) is imported when one of these is used: the base client
@@ -21,7 +21,12 @@ from lipsync.core.h264 import NAL_SPS, nal_types
 __all__ = ["H264Muxer", "VideoOutError", "container_format", "decode_access_units"]
 
 AUDIO_RATE = 16000  # StreamFrame.audio: s16le mono at 16 kHz
-WHIP_AUDIO_RATE = 48000  # Opus in WebRTC
+
+
+WHIP_UNAVAILABLE = (
+    "WHIP push is not available yet (docs/DELIVERY.md); push RTMP, or serve the browser "
+    "over WebRTC from the gateway"
+)
 
 
 class VideoOutError(RuntimeError):
@@ -51,19 +56,20 @@ def decode_access_units(aus: Iterable[bytes]) -> Iterator[np.ndarray]:
 
 
 def container_format(target: str) -> str:
-    """FFmpeg's muxer for `target`: flv for rtmp(s)://, whip for http(s):// (a WHIP
-    endpoint), else from the file's suffix (.mp4, .m4v, .mov, .mkv)."""
+    """FFmpeg's muxer for `target`: flv for rtmp(s)://, else from the file's suffix (.mp4,
+    .m4v, .mov, .mkv). WHIP endpoints (http(s)://) are refused: FFmpeg's WHIP muxer in
+    PyAV's wheel did not complete a DTLS handshake with a local aiortc receiver
+    (docs/DELIVERY.md)."""
     lower = target.lower()
     if lower.startswith(("rtmp://", "rtmps://")):
         return "flv"
     if lower.startswith(("http://", "https://")):
-        return "whip"
+        raise VideoOutError(WHIP_UNAVAILABLE)
     for suffix, fmt in ((".mp4", "mp4"), (".m4v", "mp4"), (".mov", "mov"), (".mkv", "matroska")):
         if lower.endswith(suffix):
             return fmt
     raise VideoOutError(
-        f"cannot tell how to write {target!r}: a .mp4/.m4v/.mov/.mkv file, an "
-        "rtmp:// URL or a WHIP endpoint's http(s):// URL"
+        f"cannot tell how to write {target!r}: a .mp4/.m4v/.mov/.mkv file, an rtmp:// URL"
     )
 
 
@@ -118,12 +124,8 @@ class H264Muxer:
             )
             self._video.time_base = 1 / self.rate
             if self.audio:
-                whip = self.format == "whip"
-                rate = WHIP_AUDIO_RATE if whip else AUDIO_RATE
-                self._sound = self._container.add_stream(
-                    "libopus" if whip else "aac", rate=rate, layout="mono"
-                )
-                self._resampler = av.AudioResampler(format="s16", layout="mono", rate=rate)
+                self._sound = self._container.add_stream("aac", rate=AUDIO_RATE, layout="mono")
+                self._resampler = av.AudioResampler(format="s16", layout="mono", rate=AUDIO_RATE)
         except (OSError, av.FFmpegError, ValueError) as exc:
             self.close()
             raise VideoOutError(f"cannot open {self.target}: {exc}") from exc
