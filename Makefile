@@ -23,7 +23,7 @@ help:
 $(VENV)/.installed-$(ORT_EXTRA): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e ".[dev,render,web,tools,compositing,tracing,$(ORT_EXTRA)]"
+	$(PIP) install -q -e ".[dev,render,whip,web,tools,compositing,tracing,$(ORT_EXTRA)]"
 	rm -f $(VENV)/.installed-*
 	touch $@
 

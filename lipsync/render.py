@@ -9,6 +9,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,9 +21,13 @@ from lipsync.client import (
     pad_audio,
 )
 from lipsync.media import write_jpeg_folder, write_mp4
-from lipsync.video_out import WHIP_UNAVAILABLE
+
+if TYPE_CHECKING:
+    from lipsync.video_out import H264Muxer
+    from lipsync.whip import WhipPublisher
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".m4v")
+PUSH_SCHEMES = ("rtmp://", "rtmps://", "http://", "https://")  # http(s): WHIP
 
 
 class UsageError(ValueError):
@@ -72,16 +77,16 @@ def output_kind(out: str | Path) -> str:
 
 def check_h264_targets(out: str | Path | None, push: list[str]) -> None:
     """Raise `UsageError` unless `out` (if any) is a video file and each push target an
-    rtmp(s):// URL, and there is at least one."""
+    rtmp(s):// URL or a WHIP endpoint's http(s):// URL, and there is at least one."""
     if out is None and not push:
         raise UsageError("nothing to write: give --out, --push or both")
     if out is not None and output_kind(out) != "video":
         raise UsageError("--codec h264 writes a video file (.mp4, .mov, .mkv), not frames")
     for url in push:
-        if url.lower().startswith(("http://", "https://")):
-            raise UsageError(f"--push {url!r}: {WHIP_UNAVAILABLE}")
-        if not url.lower().startswith(("rtmp://", "rtmps://")):
-            raise UsageError(f"--push {url!r}: give an rtmp:// or rtmps:// URL")
+        if not url.lower().startswith(PUSH_SCHEMES):
+            raise UsageError(
+                f"--push {url!r}: give an rtmp(s):// URL or a WHIP endpoint's http(s):// URL"
+            )
 
 
 def check_model(client: LipsyncClient, model: str) -> None:
@@ -155,9 +160,10 @@ def render_h264_to(
 ) -> RenderSummary:
     """Render `audio16k` as an H.264 stream (StreamStart.video_codec H264) and remux its
     access units, without decoding them, into the video file `out` and/or live to each
-    `push` URL (rtmp://...), the frames' own audio encoded to AAC. With `push` the
-    stream is a realtime one: the service sends the frames at 25 fps, and they go out
-    as they come. A partial file is removed on failure."""
+    `push` URL (rtmp://..., or a WHIP endpoint's http(s)://... over WebRTC), the frames'
+    own audio encoded to AAC (Opus for WHIP). With `push` the stream is a realtime one:
+    the service sends the frames at 25 fps, and they go out as they come. A partial file
+    is removed on failure."""
     from lipsync.video_out import H264Muxer, VideoOutError
 
     check_h264_targets(out, list(push))
@@ -178,11 +184,17 @@ def render_h264_to(
     targets = ([str(out)] if out is not None else []) + list(push)
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-    muxers: list[H264Muxer] = []
+    muxers: list[H264Muxer | WhipPublisher] = []
     ok = False
     t0 = time.perf_counter()
     try:
-        muxers = [H264Muxer(t, 25.0) for t in targets]
+        for t in targets:
+            if t.lower().startswith(("http://", "https://")):
+                from lipsync.whip import WhipPublisher
+
+                muxers.append(WhipPublisher(t, 25.0))
+            else:
+                muxers.append(H264Muxer(t, 25.0))
         chunks = (audio[i : i + SAMPLE_RATE] for i in range(0, len(audio), SAMPLE_RATE))
         frames = client.stream(
             model,

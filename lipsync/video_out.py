@@ -1,5 +1,5 @@
 """H.264 streams (StreamFrame.h264, docs/DELIVERY.md) out of the client: into an MP4 (or
-MKV/MOV) file, or live to an RTMP server, by remuxing the access units the
+MKV/MOV) file, or live to an RTMP server (WHIP: lipsync/whip.py), by remuxing the access units the
 service encoded (no decode, no re-encode); their audio (the frames' `audio`, s16le 16 kHz
 mono) is encoded to AAC. And a decoder of access
 units to BGR pictures, for checks and for callers who want pixels.
@@ -23,10 +23,7 @@ __all__ = ["H264Muxer", "VideoOutError", "container_format", "decode_access_unit
 AUDIO_RATE = 16000  # StreamFrame.audio: s16le mono at 16 kHz
 
 
-WHIP_UNAVAILABLE = (
-    "WHIP push is not available yet (docs/DELIVERY.md); push RTMP, or serve the browser "
-    "over WebRTC from the gateway"
-)
+WHIP_NOT_A_FILE = "a WHIP endpoint (http(s)://) takes a WebRTC session: lipsync.whip"
 
 
 class VideoOutError(RuntimeError):
@@ -57,14 +54,14 @@ def decode_access_units(aus: Iterable[bytes]) -> Iterator[np.ndarray]:
 
 def container_format(target: str) -> str:
     """FFmpeg's muxer for `target`: flv for rtmp(s)://, else from the file's suffix (.mp4,
-    .m4v, .mov, .mkv). WHIP endpoints (http(s)://) are refused: FFmpeg's WHIP muxer in
-    PyAV's wheel did not complete a DTLS handshake with a local aiortc receiver
+    .m4v, .mov, .mkv). WHIP endpoints (http(s)://) are lipsync.whip's: FFmpeg's WHIP
+    muxer in PyAV's wheel did not complete a DTLS handshake with aiortc here
     (docs/DELIVERY.md)."""
     lower = target.lower()
     if lower.startswith(("rtmp://", "rtmps://")):
         return "flv"
     if lower.startswith(("http://", "https://")):
-        raise VideoOutError(WHIP_UNAVAILABLE)
+        raise VideoOutError(WHIP_NOT_A_FILE)
     for suffix, fmt in ((".mp4", "mp4"), (".m4v", "mp4"), (".mov", "mov"), (".mkv", "matroska")):
         if lower.endswith(suffix):
             return fmt

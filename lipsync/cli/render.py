@@ -8,8 +8,9 @@
 OUT ending in .mp4, .mov, .mkv or .m4v gets a video with sound (H.264 + AAC, 25 fps);
 OUT that is an existing folder or ends with '/' gets one JPEG per frame (000000.jpg, ...).
 With `--codec h264` the service encodes the stream in H.264 and the access units are
-written to OUT as they are (no JPEG decode and re-encode); `--push rtmp://...` also sends
-it live as the service paces it (then OUT is optional; docs/DELIVERY.md).
+written to OUT as they are (no JPEG decode and re-encode); `--push rtmp://...` or `--push
+https://HOST/whip/...` (a WHIP endpoint, over WebRTC) also sends it live as the service
+paces it (then OUT is optional; docs/DELIVERY.md).
 Expected errors (service unreachable, unknown model, unreadable audio, ffmpeg failure)
 print one line to stderr and exit with status 2.
 """
@@ -69,8 +70,8 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="URL",
-        help="also send the H.264 stream live to rtmp://HOST/APP/KEY (implies --codec h264; "
-        "repeatable)",
+        help="also send the H.264 stream live to rtmp://HOST/APP/KEY or to a WHIP endpoint "
+        "https://HOST/PATH (implies --codec h264; repeatable)",
     )
     p.add_argument(
         "--server",
