@@ -122,10 +122,10 @@ class FrameMessages:
             background_frame=bg,
             audio=self.silence,
         )
-        if self.encoder is None:
+        if self.encoder is None or self.idle_image is None:
             msg.jpeg = self.idle_jpeg(bg)
         else:
-            self._picture(msg, self.idle_image(bg) if self.idle_image else None, b"")
+            msg.h264, msg.keyframe = self.encoder.encode(self.idle_image(bg))
         return msg
 
 
@@ -313,14 +313,19 @@ class RealtimePacer(_Output):
                     return
                 else:
                     frame = None
-            now = self._clock()
-            if frame is None and now > due + 2 * frame_s:
+            if frame is None and self._clock() > due + 2 * frame_s:
                 slot += 1  # behind (slow client): skip an idle frame to get back on the clock
                 self._event(SKIPPED)
                 continue
+            # made (an H.264 stream encodes it here) before waiting for its time, so the
+            # encode does not delay it
+            msg = self.messages.speech(frame) if frame is not None else self.messages.idle(slot)
+            now = self._clock()
             if due > now:
                 self._sleep(due - now)
             elif now - due > LATE_AFTER_FRAMES * frame_s:
                 self._event(LATE)
-            yield self.messages.speech(frame) if frame is not None else self.messages.idle(slot)
+            if frame is not None:
+                msg.latency_ms = (self._clock() - frame.arrival) * 1000  # at its sending
+            yield msg
             slot += 1
