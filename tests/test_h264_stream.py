@@ -243,3 +243,32 @@ def test_demo_avatar_quality_and_size_against_jpeg(demo_services):
     ratio = sum(len(f.h264) for f in h264) / sum(len(f.jpeg) for f in jpeg)
     assert np.mean(db) >= 35.0, (np.mean(db), min(db))
     assert ratio <= 0.2, ratio
+
+
+def test_h264_sessions_queue_a_bounded_number_of_pictures():
+    """Made but unsent H.264 frames are pictures: the output queue holds 64 MiB of them
+    (24 at 720p), not stream.max_queued_frames (256 JPEGs)."""
+    from types import SimpleNamespace
+
+    from compositing_service.streaming.session import H264_QUEUE_BYTES, StreamSession
+    from lipsync.config import StreamConfig
+
+    avatar = SimpleNamespace(size=(1280, 720), fps=25, count=3, frames=[], rects=[], name="a")
+    opened: list[H264Encoder] = []
+
+    def h264(w: int, h: int, fps: float) -> H264Encoder:
+        opened.append(H264Encoder("libx264", H264Config(), w, h, fps))
+        return opened[-1]
+
+    def session(codec: int, realtime: bool) -> StreamSession:
+        start = cpb.StreamStart(model_id="a", video_codec=codec, realtime=realtime)
+        return StreamSession(start, avatar, None, None, StreamConfig(), lambda i: b"", h264=h264)
+
+    for realtime in (False, True):
+        assert session(cpb.VIDEO_CODEC_JPEG, realtime).output.capacity == 256
+        s = session(cpb.VIDEO_CODEC_H264, realtime)
+        assert s.output.capacity == H264_QUEUE_BYTES // (1280 * 720 * 3) == 24
+        s.cancel()
+    assert len(opened) == 2
+    for enc in opened:
+        enc.close()

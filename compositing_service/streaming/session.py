@@ -75,6 +75,9 @@ class H264Stream(VideoEncoder, Protocol):
 # slow but working service is not mistaken for an outage.
 REALTIME_CALL_BUDGET_S = 0.5
 REALTIME_BUDGET_BATCHES = 3  # ... or this many times a batch's measured production time
+# An H.264 stream's made but unsent frames are pictures (2.7 MB at 720p), not JPEGs: its
+# output queue holds at most this many bytes of them (and at least two batches).
+H264_QUEUE_BYTES = 64 << 20
 
 
 class StreamSession:
@@ -134,6 +137,11 @@ class StreamSession:
         )
         self.handoff: Handoff[InferredBatch] = Handoff(2)
         self.compositing = CompositeStage(avatar, compositor, jpeg=self.encoder is None)
+        queued = settings.max_queued_frames
+        if self.encoder is not None:
+            w, h = avatar.size
+            bound = max(2 * settings.max_batch, H264_QUEUE_BYTES // (3 * w * h))
+            queued = min(queued, bound) if queued else bound
         messages = FrameMessages(
             avatar.fps,
             avatar.count,
@@ -149,11 +157,11 @@ class StreamSession:
                 messages,
                 self.schedule,
                 clock,
-                capacity=settings.max_queued_frames,
+                capacity=queued,
                 on_event=on_pace,
             )
             if start.realtime
-            else OfflineSink(messages, self.schedule, settings.max_queued_frames)
+            else OfflineSink(messages, self.schedule, queued)
         )
 
     @property
