@@ -23,7 +23,7 @@ help:
 $(VENV)/.installed-$(ORT_EXTRA): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e ".[dev,render,web,tools,compositing,tracing,$(ORT_EXTRA)]"
+	$(PIP) install -q -e ".[dev,render,whip,web,tools,compositing,tracing,$(ORT_EXTRA)]"
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -53,6 +53,7 @@ bench: setup
 	$(PIP) install -q -e ".[convert]"
 	$(PY) -m benchmarks.run
 	$(PY) -m benchmarks.stream_latency
+	$(PY) -m benchmarks.h264 --presets ultrafast,superfast,veryfast
 
 clean:
 	rm -rf $(VENV) out shared_proto/*_pb2*.py shared_proto/*_pb2*.pyi

@@ -27,6 +27,7 @@ import numpy as np
 import onnxruntime as ort
 
 from benchmarks import bench_avatar
+from benchmarks import h264 as h264_bench
 from benchmarks.transfer import bench_transfer
 from compositing_service.compositor import paste_and_encode
 from compositing_service.jpeg import JpegEncoder
@@ -344,6 +345,14 @@ def main(argv: list[str] | None = None) -> int:
     stages = bench_stages(folder, opts, cfg.compositing.jpeg_quality)
     for name, ms in bench_transfer(args.batch_size).items():
         stages[f"transfer_{name}"] = ms
+    print("measuring H.264 beside JPEG (benchmarks/h264.py)...")
+    h264 = cfg.compositing.stream.h264
+    h264_cost = {
+        name: by_preset[h264.preset]
+        for name, by_preset in h264_bench.bench_cost(
+            100, [h264.preset], h264, cfg.compositing.jpeg_quality
+        ).items()
+    }
     print("measuring the UNet alone...")
     batches = [int(b) for b in (args.unet_batches or default_unet_batches(gpu)).split(",")]
     min_frames = 320 if gpu else 24
@@ -420,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_e2e_to_median_ceiling": e2e[ref_clients]["fps"] / ceiling,
         "ratio_e2e_to_reference_loop": e2e[ref_clients]["fps"] / ref_fps,
         "ratio_clients": ref_clients,
+        "h264": dataclasses.asdict(h264),
+        # per 720p frame, CPU time on one thread: paste + H.264 vs paste + region JPEG
+        "h264_720p": h264_cost,
         "compositing_720p_ms_per_frame": stages["crop"] + stages["paste_jpeg_region_720p"],
         "compositing_720p_float32_ms_per_frame": stages["crop"]
         + stages["mouth_to_uint8"]
@@ -487,6 +499,20 @@ def print_report(r: dict) -> None:
         f"compositing + JPEG at 720p, one core: {r['compositing_720p_ms_per_frame']:.2f} ms/frame "
         f"({r['compositing_720p_float32_ms_per_frame']:.2f} with float32 mouths to convert)"
     )
+    h = r["h264"]
+    print(
+        f"\nH.264 streams ({h['encoder'][0]} {h['preset']}, {h['bitrate_kbps']} kbit/s, one "
+        "thread) beside JPEG at 720p, paste + encode, CPU ms per frame on one core:"
+    )
+    for name, c in r["h264_720p"].items():
+        print(
+            f"  {name:<15} H.264 {c['h264_ms_per_frame']:6.2f} ms "
+            f"({c['h264_streams_per_core']:5.1f} streams/core at 25 fps, "
+            f"{c['h264_bytes_per_frame']:7.0f} B/frame, {c['h264_psnr_db']:5.2f} dB)   "
+            f"JPEG {c['jpeg_region_ms_per_frame']:5.2f} ms "
+            f"({c['jpeg_region_streams_per_core']:5.1f} streams/core, "
+            f"{c['jpeg_bytes_per_frame']:7.0f} B/frame, {c['jpeg_psnr_db']:5.2f} dB)"
+        )
 
 
 if __name__ == "__main__":

@@ -85,5 +85,24 @@ class Compositor:
 
         return list(self.pool.map(one, range(len(indices))))
 
+    def composite_images(
+        self,
+        avatar: AvatarFrames,
+        indices: list[int],
+        mouths: np.ndarray,
+        crops: list[np.ndarray] | None = None,
+    ) -> list[np.ndarray]:
+        """Paste mouths (uint8 [B,320,320,3]) into copies of the frames: the composited
+        pictures themselves (for a video encoder; no JPEG)."""
+
+        def one(k: int) -> np.ndarray:
+            i = indices[k]
+            frame = avatar.frames[i].copy()
+            crop = crops[k] if crops is not None else face_crop(frame, avatar.rects[i])
+            paste_back(frame, avatar.rects[i], crop, mouths[k])
+            return frame
+
+        return list(self.pool.map(one, range(len(indices))))
+
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)

@@ -20,6 +20,7 @@ from compositing_service.inference_client import InferenceClient
 from compositing_service.routing import connect_inference
 from compositing_service.service_metrics import CompositingMetrics, observe_frames
 from compositing_service.servicer import CompositingServicer
+from compositing_service.video_encoder import choose_encoder
 from lipsync import __version__
 from lipsync.avatars.package import AvatarCatalog
 from lipsync.config import Config
@@ -41,6 +42,10 @@ READINESS_NAMES = (SERVICE_NAME,)
 def start(cfg: Config, port: int | None = None, preload: bool = True) -> RunningService:
     """Start the compositing service (non-blocking). `port=0` binds a free port."""
     c = cfg.compositing
+    # H.264 streams: the first configured encoder that works here; none is an error now,
+    # not a failure of every H.264 stream later
+    h264_encoder = choose_encoder(c.stream.h264)
+    log.info("H.264 streams use the %s encoder", h264_encoder)
     metrics = CompositingMetrics(c.metrics_model_labels)
     obs = Observability(cfg, metrics, c.host, c.metrics_port)
     catalog = AvatarCatalog(cfg.avatars_path)
@@ -71,6 +76,7 @@ def start(cfg: Config, port: int | None = None, preload: bool = True) -> Running
         inference,
         compositor,
         metrics=metrics,
+        h264_encoder=h264_encoder,
     )
     # Streams hold a handler thread for their life: they get max_sessions threads of their
     # own (admission counts them), so unary calls and health checks always find one of

@@ -11,6 +11,7 @@ rest). server.py builds and starts the server.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ from compositing_service.streaming import (
     StreamSession,
     in_context_thread,
 )
+from compositing_service.video_encoder import EncoderError, H264Encoder
 from lipsync.avatars.package import AvatarError, check_model_id
 from lipsync.config import Config
 from lipsync.proto import compositing_pb2 as cpb
@@ -53,8 +55,14 @@ class CompositingServicer(cpb_grpc.CompositingServiceServicer):
         inference: InferenceClient,
         compositor: Compositor,
         metrics: CompositingMetrics | None = None,
+        h264_encoder: str | None = None,  # the H.264 encoder chosen at start (None: none)
     ):
         self.cfg = cfg
+        self.h264 = (
+            functools.partial(H264Encoder, h264_encoder, cfg.compositing.stream.h264)
+            if h264_encoder is not None
+            else None
+        )
         self.metrics = metrics
         self.admin = admin
         self.dataplane = dataplane
@@ -78,7 +86,7 @@ class CompositingServicer(cpb_grpc.CompositingServiceServicer):
             return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
         if isinstance(exc, StreamsClosed):
             return grpc.StatusCode.UNAVAILABLE, str(exc)
-        if isinstance(exc, AvatarError):
+        if isinstance(exc, AvatarError | EncoderError):
             return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
         if isinstance(exc, DeadlineError):
             return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
@@ -149,6 +157,7 @@ class CompositingServicer(cpb_grpc.CompositingServiceServicer):
                 lambda i: avatar.encoded(i, encoder).data,
                 # realtime: skipped slots and late frames, counted by the pacer
                 on_pace=pace_events(self.metrics) if self.metrics is not None else None,
+                h264=self.h264,
             )
         except Exception as exc:
             self._abort(context, exc)

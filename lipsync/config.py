@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -170,6 +171,19 @@ class FrameCacheConfig:
 
 
 @dataclass
+class H264Config:
+    """H.264 streams (StreamStart.video_codec = VIDEO_CODEC_H264; docs/DELIVERY.md)."""
+
+    # FFmpeg encoder names, in order of preference: the service uses the first that opens
+    # at start (libx264, libopenh264, h264_nvenc, ... where the FFmpeg build has them)
+    encoder: list[str] = field(default_factory=lambda: ["libx264"])
+    bitrate_kbps: int = 1500  # target and VBV ceiling per second of video
+    keyframe_interval_s: float = 2.0  # an IDR picture this often (and on request)
+    preset: str = "superfast"  # libx264's speed/quality preset (ultrafast .. veryslow)
+    threads: int = 1  # encoder threads per stream (1: streams scale one per core share)
+
+
+@dataclass
 class StreamConfig:
     """StreamComposite sessions."""
 
@@ -181,6 +195,7 @@ class StreamConfig:
     # audio received but not yet made into frames; past it the stream stops reading the
     # client's messages (gRPC flow control holds a sender that runs ahead)
     max_buffered_audio_s: float = 30.0
+    h264: H264Config = field(default_factory=H264Config)
 
 
 @dataclass
@@ -399,6 +414,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("compositing.jpeg_quality must be in 1..100")
     if cfg.compositing.transfer_dtype not in ("float32", "float16", "uint8"):
         raise ConfigError("compositing.transfer_dtype must be float32, float16 or uint8")
+    _validate_h264(cfg.compositing.stream.h264)
     if cfg.limits.max_batch_size < 1:
         raise ConfigError("limits.max_batch_size must be at least 1")
     if min(cfg.inference.batching.max_batch, cfg.inference.batching.cpu_max_batch) < 1:
@@ -408,6 +424,33 @@ def validate(cfg: Config) -> Config:
     if cfg.access_log not in ("info", "debug", "off"):
         raise ConfigError("access_log must be 'info', 'debug' or 'off'")
     return cfg
+
+
+X264_PRESETS = (
+    "ultrafast",
+    "superfast",
+    "veryfast",
+    "faster",
+    "fast",
+    "medium",
+    "slow",
+    "slower",
+    "veryslow",
+)
+
+
+def _validate_h264(h: H264Config) -> None:
+    where = "compositing.stream.h264"
+    if not h.encoder or not all(re.fullmatch(r"[a-z0-9_]+", n) for n in h.encoder):
+        raise ConfigError(f"{where}.encoder must list FFmpeg encoder names, got {h.encoder}")
+    if not 50 <= h.bitrate_kbps <= 100_000:
+        raise ConfigError(f"{where}.bitrate_kbps must be in 50..100000")
+    if not 0.1 <= h.keyframe_interval_s <= 60:
+        raise ConfigError(f"{where}.keyframe_interval_s must be in 0.1..60")
+    if h.preset not in X264_PRESETS:
+        raise ConfigError(f"{where}.preset must be one of {', '.join(X264_PRESETS)}")
+    if not 1 <= h.threads <= 16:
+        raise ConfigError(f"{where}.threads must be in 1..16")
 
 
 def from_dict(data: dict[str, Any]) -> Config:

@@ -7,7 +7,7 @@ import json
 import math
 import statistics
 
-from benchmarks import run
+from benchmarks import h264, run
 
 
 def test_bench_writes_every_figure(tmp_path, monkeypatch, capsys):
@@ -41,5 +41,21 @@ def test_bench_writes_every_figure(tmp_path, monkeypatch, capsys):
     for e in r["e2e"].values():
         assert e["p50_ms"] <= e["p95_ms"] and e["frames"] > 0
     assert r["reference_loop_kind"] in r["reference_loops_fps"]
+    for name in ("synthetic_720p", "demo_720p"):  # H.264 beside JPEG (benchmarks/h264.py)
+        c = r["h264_720p"][name]
+        assert positive(c["h264_ms_per_frame"]) and positive(c["jpeg_region_ms_per_frame"])
+        assert c["h264_streams_per_core"] == 1000 / (25 * c["h264_ms_per_frame"])
+        assert 0 < c["h264_bytes_per_frame"] < c["jpeg_bytes_per_frame"], name
+    assert f"H.264 streams (libx264 {r['h264']['preset']}" in printed
     assert "ceiling (UNet alone, best batch" in printed
     assert f"{r['unet_ceiling_fps']:.2f} frames/s" in printed
+
+
+def test_h264_bench_without_services(tmp_path, capsys):
+    out = tmp_path / "h264.json"
+    argv = ["--frames", "6", "--presets", "ultrafast", "--no-services", "--out", str(out)]
+    assert h264.main(argv) == 0
+    r = json.loads(out.read_text())
+    assert set(r["cost"]) == {"synthetic_720p", "demo_720p"}
+    assert r["quality"] is None and r["frames"] == 6
+    assert "demo_720p      ultrafast" in capsys.readouterr().out

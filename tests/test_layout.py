@@ -137,7 +137,7 @@ def test_the_core_imports_no_service_and_no_rpc() -> None:
     assert bad == []
 
 
-HEAVY = ("onnxruntime", "librosa", "cv2", "scipy", "numba", "yaml", "aiohttp", "onnx")
+HEAVY = ("onnxruntime", "librosa", "cv2", "scipy", "numba", "yaml", "aiohttp", "onnx", "av")
 
 CLIENT_SCRIPT = """
 import importlib.abc, sys

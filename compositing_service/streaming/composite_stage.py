@@ -1,10 +1,13 @@
 """Compositing: each inferred batch's mouths pasted into its background frames and
 JPEG-encoded, batch after batch in the order they come (one thread), into frames ready
-for the output stage."""
+for the output stage. An H.264 stream's frames stay pictures (`OutFrame.image`): the
+output stage encodes them in the order it sends them (compositing_service/video_encoder.py)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import numpy as np
 
 from compositing_service.compositor import Compositor
 from compositing_service.frames import AvatarFrames
@@ -24,12 +27,14 @@ class OutFrame:
     background: int
     audio: bytes
     arrival: float  # when the last audio it needed arrived
+    image: np.ndarray | None = None  # the composited picture (H.264 streams; jpeg is b"")
 
 
 class CompositeStage:
-    def __init__(self, avatar: AvatarFrames, compositor: Compositor):
+    def __init__(self, avatar: AvatarFrames, compositor: Compositor, *, jpeg: bool = True):
         self.avatar = avatar
         self.compositor = compositor
+        self.jpeg = jpeg  # False: pictures for the output stage's video encoder
         self._epoch = 0
 
     def interrupt(self, epoch: int) -> None:
@@ -39,7 +44,13 @@ class CompositeStage:
         """The batch's frames in order; None if an interrupt dropped it."""
         if item.epoch < self._epoch:
             return None
-        jpegs = self.compositor.composite(self.avatar, item.backgrounds, item.mouths, item.crops)
+        args = (self.avatar, item.backgrounds, item.mouths, item.crops)
+        if self.jpeg:
+            jpegs = self.compositor.composite(*args)
+            images: list[np.ndarray | None] = [None] * len(jpegs)
+        else:
+            images = list(self.compositor.composite_images(*args))
+            jpegs = [b""] * len(images)
         b = item.batch
         return [
             OutFrame(
@@ -52,6 +63,7 @@ class CompositeStage:
                 item.backgrounds[k],
                 item.audio[k],
                 b.arrivals[k],
+                image,
             )
-            for k, jpeg in enumerate(jpegs)
+            for k, (jpeg, image) in enumerate(zip(jpegs, images, strict=True))
         ]

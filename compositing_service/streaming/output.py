@@ -23,6 +23,9 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
 
 from compositing_service.streaming.composite_stage import OutFrame
 from compositing_service.streaming.schedule import Schedule
@@ -48,8 +51,18 @@ class PaceCounts:
     late: int = 0  # frames sent more than LATE_AFTER_FRAMES intervals after their slot
 
 
+class VideoEncoder(Protocol):
+    """A stream's video encoder (compositing_service/video_encoder.py): one picture in,
+    one access unit and its keyframe flag out, in the order the frames are sent."""
+
+    def encode(self, bgr: np.ndarray) -> tuple[bytes, bool]: ...
+
+
 class FrameMessages:
-    """`StreamFrame` messages of a stream's slots."""
+    """`StreamFrame` messages of a stream's slots: the JPEG of each frame, or with an
+    `encoder` (H.264 streams) its access unit, encoded here, as the message is made, so
+    the encoder sees exactly the frames sent, in order (`idle_image(i)`: background frame
+    i's picture, for idle frames)."""
 
     def __init__(
         self,
@@ -59,18 +72,32 @@ class FrameMessages:
         idle_jpeg: Callable[[int], bytes],
         return_audio: bool,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        encoder: VideoEncoder | None = None,
+        idle_image: Callable[[int], np.ndarray] | None = None,
     ):
+        if (encoder is None) != (idle_image is None):
+            raise ValueError("an encoder needs idle_image, and idle_image an encoder")
         self.fps = fps
         self.background_count = background_count
         self.start_frame_idx = start_frame_idx
         self.idle_jpeg = idle_jpeg
+        self.encoder = encoder
+        self.idle_image = idle_image
         self.silence = bytes(2 * SAMPLES_PER_FRAME) if return_audio else b""
         self._clock = clock
 
+    def _picture(self, msg: cpb.StreamFrame, image: np.ndarray | None, jpeg: bytes) -> None:
+        if self.encoder is None:
+            msg.jpeg = jpeg
+            return
+        if image is None:
+            raise RuntimeError("an H.264 stream got a frame without its picture")
+        msg.h264, msg.keyframe = self.encoder.encode(image)
+
     def speech(self, f: OutFrame) -> cpb.StreamFrame:
-        return cpb.StreamFrame(
+        msg = cpb.StreamFrame(
             index=f.slot,
-            jpeg=f.jpeg,
             pts_ms=f.slot * 1000.0 / self.fps,
             speech=f.speech,
             generated=True,
@@ -78,14 +105,15 @@ class FrameMessages:
             clip_frame=f.clip_frame,
             background_frame=f.background,
             audio=f.audio,
-            latency_ms=(self._clock() - f.arrival) * 1000,
         )
+        self._picture(msg, f.image, f.jpeg)
+        msg.latency_ms = (self._clock() - f.arrival) * 1000
+        return msg
 
     def idle(self, slot: int) -> cpb.StreamFrame:
         bg = pingpong(self.start_frame_idx + slot, self.background_count)
-        return cpb.StreamFrame(
+        msg = cpb.StreamFrame(
             index=slot,
-            jpeg=self.idle_jpeg(bg),
             pts_ms=slot * 1000.0 / self.fps,
             speech=False,
             generated=False,
@@ -94,6 +122,11 @@ class FrameMessages:
             background_frame=bg,
             audio=self.silence,
         )
+        if self.encoder is None or self.idle_image is None:
+            msg.jpeg = self.idle_jpeg(bg)
+        else:
+            msg.h264, msg.keyframe = self.encoder.encode(self.idle_image(bg))
+        return msg
 
 
 class _Cancelled(Exception):
@@ -280,14 +313,19 @@ class RealtimePacer(_Output):
                     return
                 else:
                     frame = None
-            now = self._clock()
-            if frame is None and now > due + 2 * frame_s:
+            if frame is None and self._clock() > due + 2 * frame_s:
                 slot += 1  # behind (slow client): skip an idle frame to get back on the clock
                 self._event(SKIPPED)
                 continue
+            # made (an H.264 stream encodes it here) before waiting for its time, so the
+            # encode does not delay it
+            msg = self.messages.speech(frame) if frame is not None else self.messages.idle(slot)
+            now = self._clock()
             if due > now:
                 self._sleep(due - now)
             elif now - due > LATE_AFTER_FRAMES * frame_s:
                 self._event(LATE)
-            yield self.messages.speech(frame) if frame is not None else self.messages.idle(slot)
+            if frame is not None:
+                msg.latency_ms = (self._clock() - frame.arrival) * 1000  # at its sending
+            yield msg
             slot += 1

@@ -21,6 +21,11 @@ The producer and compositor threads run in a copy of the context `frames` is cal
 id, lipsync.serving.logs) tag their log lines, and with tracing on the stream's inference calls
 are children of the stream's span. A realtime stream's pacer reports its skipped slots and
 late frames to `on_pace` (the service's metrics) and in `pace_counts`.
+
+Video: JPEG frames (the default) are encoded by the compositing stage; an H.264 stream
+(`start.video_codec`) gets one encoder of its own (`h264(width, height, fps)`), fed by
+the output stage in the order frames are sent, idle frames included; `request_keyframe`
+messages reach it from the reader thread. The RPC's generator frees it when it ends.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Protocol
 
 from compositing_service.compositor import Compositor
 from compositing_service.frames import AvatarFrames
@@ -43,6 +49,7 @@ from compositing_service.streaming.output import (
     OfflineSink,
     PaceCounts,
     RealtimePacer,
+    VideoEncoder,
 )
 from compositing_service.streaming.planner import Planner
 from compositing_service.streaming.schedule import Schedule
@@ -53,12 +60,24 @@ from lipsync.rpc.messages import audio_encoding
 
 log = logging.getLogger(__name__)
 
+
+class H264Stream(VideoEncoder, Protocol):
+    """A stream's H.264 encoder (compositing_service/video_encoder.H264Encoder)."""
+
+    def request_keyframe(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
 # Realtime: how long one inference call may take, retries included, before its speech is
 # dropped and the avatar idles (an inference outage must not stall the video): at least
 # this, and more where batches take longer to make (a large model on a slow device), so a
 # slow but working service is not mistaken for an outage.
 REALTIME_CALL_BUDGET_S = 0.5
 REALTIME_BUDGET_BATCHES = 3  # ... or this many times a batch's measured production time
+# An H.264 stream's made but unsent frames are pictures (2.7 MB at 720p), not JPEGs: its
+# output queue holds at most this many bytes of them (and at least two batches).
+H264_QUEUE_BYTES = 64 << 20
 
 
 class StreamSession:
@@ -73,12 +92,20 @@ class StreamSession:
         *,
         clock: Callable[[], float] = time.monotonic,
         on_pace: Callable[[str], None] | None = None,  # realtime: RealtimePacer.on_event
+        h264: Callable[[int, int, float], H264Stream] | None = None,  # an encoder per stream
     ):
         try:
             rate = check_rate(start.sample_rate)
             encoding = audio_encoding(start.audio_encoding)
         except (AudioError, ValueError) as exc:
             raise StreamError(str(exc)) from exc
+        self.encoder: H264Stream | None = None
+        if start.video_codec == cpb.VIDEO_CODEC_H264:
+            if h264 is None:
+                raise StreamError("this service does not encode H.264")
+            self.encoder = h264(*avatar.size, avatar.fps)
+        elif start.video_codec != cpb.VIDEO_CODEC_JPEG:
+            raise StreamError(f"unknown video_codec {start.video_codec}")
         self.start = start
         self.realtime = start.realtime
         self._clock = clock
@@ -109,20 +136,32 @@ class StreamSession:
             call_budget_s=self._realtime_budget if start.realtime else None,
         )
         self.handoff: Handoff[InferredBatch] = Handoff(2)
-        self.compositing = CompositeStage(avatar, compositor)
+        self.compositing = CompositeStage(avatar, compositor, jpeg=self.encoder is None)
+        queued = settings.max_queued_frames
+        if self.encoder is not None:
+            w, h = avatar.size
+            bound = max(2 * settings.max_batch, H264_QUEUE_BYTES // (3 * w * h))
+            queued = min(queued, bound) if queued else bound
         messages = FrameMessages(
-            avatar.fps, avatar.count, start.start_frame_idx, idle_jpeg, start.return_audio, clock
+            avatar.fps,
+            avatar.count,
+            start.start_frame_idx,
+            idle_jpeg,
+            start.return_audio,
+            clock,
+            encoder=self.encoder,
+            idle_image=(lambda i: avatar.frames[i]) if self.encoder is not None else None,
         )
         self.output: OfflineSink | RealtimePacer = (
             RealtimePacer(
                 messages,
                 self.schedule,
                 clock,
-                capacity=settings.max_queued_frames,
+                capacity=queued,
                 on_event=on_pace,
             )
             if start.realtime
-            else OfflineSink(messages, self.schedule, settings.max_queued_frames)
+            else OfflineSink(messages, self.schedule, queued)
         )
 
     @property
@@ -145,6 +184,9 @@ class StreamSession:
                     self.ingest.end_of_audio()
                 elif kind == "interrupt":
                     self.interrupt()
+                elif kind == "request_keyframe":
+                    if req.request_keyframe and self.encoder is not None:
+                        self.encoder.request_keyframe()
                 elif kind == "start":
                     raise StreamError("start may only be the first message")
                 if self._cancelled:
@@ -236,6 +278,8 @@ class StreamSession:
             yield from self.output.frames()
         finally:
             self.cancel()
+            if self.encoder is not None:  # nothing encodes after the output's loop
+                self.encoder.close()
 
 
 def in_context_thread(target: Callable[..., object], *args: object, name: str) -> threading.Thread:

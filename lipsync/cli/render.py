@@ -1,11 +1,16 @@
 """`lipsync-render`: render a speech clip with an avatar through the compositing service.
 
     lipsync-render --model NAME --audio FILE --out OUT [--server HOST:PORT]
+                   [--codec jpeg|h264] [--push URL ...]
                    [--batch-size 24] [--start-frame 0] [--quiet]
                    [--ca CA.pem [--cert CERT.pem --key KEY.pem]] [--api-key KEY]
 
 OUT ending in .mp4, .mov, .mkv or .m4v gets a video with sound (H.264 + AAC, 25 fps);
 OUT that is an existing folder or ends with '/' gets one JPEG per frame (000000.jpg, ...).
+With `--codec h264` the service encodes the stream in H.264 and the access units are
+written to OUT as they are (no JPEG decode and re-encode); `--push rtmp://...` or `--push
+https://HOST/whip/...` (a WHIP endpoint, over WebRTC) also sends it live as the service
+paces it (then OUT is optional; docs/DELIVERY.md).
 Expected errors (service unreachable, unknown model, unreadable audio, ffmpeg failure)
 print one line to stderr and exit with status 2.
 """
@@ -21,7 +26,14 @@ from pathlib import Path
 
 from lipsync.client import MIN_SAMPLES, SAMPLE_RATE, LipsyncClient, LipsyncError, load_audio
 from lipsync.client.media import MediaError
-from lipsync.client.render import UsageError, check_model, output_kind, render_to
+from lipsync.client.render import (
+    UsageError,
+    check_h264_targets,
+    check_model,
+    output_kind,
+    render_h264_to,
+    render_to,
+)
 
 PROG = "lipsync-render"
 EXIT_ERROR = 2
@@ -43,9 +55,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--out",
-        required=True,
         help="OUT.mp4 / .mov / .mkv for a video, or a folder (existing, or ending "
-        "with '/') for JPEG frames",
+        "with '/') for JPEG frames (optional with --push)",
+    )
+    p.add_argument(
+        "--codec",
+        choices=["jpeg", "h264"],
+        default="jpeg",
+        help="jpeg: JPEG frames, encoded here into the video (default); h264: the service's "
+        "H.264 stream, remuxed as it is",
+    )
+    p.add_argument(
+        "--push",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="also send the H.264 stream live to rtmp://HOST/APP/KEY or to a WHIP endpoint "
+        "https://HOST/PATH (implies --codec h264; repeatable)",
     )
     p.add_argument(
         "--server",
@@ -89,8 +115,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.batch_size < 1:
         print(f"{PROG}: error: --batch-size must be at least 1", file=sys.stderr)
         return EXIT_ERROR
+    h264 = args.codec == "h264" or bool(args.push)
+    if args.push and args.mode == "batch":
+        print(
+            f"{PROG}: error: --push streams: it cannot be used with --mode batch", file=sys.stderr
+        )
+        return EXIT_ERROR
+    if h264 and args.mode == "batch":
+        print(f"{PROG}: error: --codec h264 needs --mode stream", file=sys.stderr)
+        return EXIT_ERROR
+    if args.out is None and not args.push:
+        print(f"{PROG}: error: give --out (or --push)", file=sys.stderr)
+        return EXIT_ERROR
     try:
-        output_kind(args.out)
+        if h264:
+            check_h264_targets(args.out, args.push)
+        else:
+            output_kind(args.out)
         audio, seconds = load_audio(args.audio)
         if audio.size < MIN_SAMPLES:
             print(
@@ -107,16 +148,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             api_key=args.api_key,
         ) as client:
             check_model(client, args.model)
-            summary = render_to(
-                client,
-                args.model,
-                audio,
-                args.out,
-                batch_size=args.batch_size,
-                mode=args.mode,
-                start_frame=args.start_frame,
-                progress=not args.quiet,
-            )
+            if h264:
+                summary = render_h264_to(
+                    client,
+                    args.model,
+                    audio,
+                    args.out,
+                    push=args.push,
+                    start_frame=args.start_frame,
+                    progress=not args.quiet,
+                )
+            else:
+                summary = render_to(
+                    client,
+                    args.model,
+                    audio,
+                    args.out,
+                    batch_size=args.batch_size,
+                    mode=args.mode,
+                    start_frame=args.start_frame,
+                    progress=not args.quiet,
+                )
     except (LipsyncError, MediaError, UsageError, OSError) as exc:
         print(f"{PROG}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return EXIT_ERROR
