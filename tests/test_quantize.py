@@ -42,6 +42,7 @@ from lipsync.quantize import (
     mouth_psnr_u8,
     read_record,
 )
+from lipsync.quantize.options import QuantizeOptions
 from lipsync.signals import speech_like
 from tests.avatar_factory import make_avatar
 from tests.conftest import Services, service_config, start_services, stop_services
@@ -140,6 +141,9 @@ def test_quantize_writes_int8_model_check_inputs_and_record(root: Path) -> None:
     assert record.method.startswith("onnxruntime quantize_static, QDQ")
     assert record.per_channel and record.weight_type == "QInt8"
     assert record.activation_type == "QUInt8" and record.samples == 8
+    defaults = QuantizeOptions()
+    assert record.calibrate_method.lower() == defaults.calibration
+    assert record.op_types == list(defaults.op_types)
     assert record.onnxruntime and record.created
     assert record.check["passed"] is True
     assert record.check["mean_psnr_db"] >= BOUNDS.mean_psnr_db

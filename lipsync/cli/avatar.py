@@ -28,6 +28,9 @@ EXIT_ERROR = 2
 
 
 def _parser() -> argparse.ArgumentParser:
+    from lipsync.quantize.options import ACTIVATION_TYPES, CALIBRATIONS, QuantizeOptions
+
+    qd = QuantizeOptions()
     p = argparse.ArgumentParser(
         prog=PROG, description="Convert and import SyncTalk_2D avatars for lip-sync serving."
     )
@@ -115,11 +118,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     q.add_argument(
         "--activation-type",
-        choices=("quint8", "qint8"),
-        default="quint8",
-        help="activations' int8 type (default quint8)",
+        choices=ACTIVATION_TYPES,
+        default=qd.activation_type,
+        help=f"activations' int8 type (default {qd.activation_type})",
     )
     q.add_argument("--reduce-range", action="store_true", help="7-bit weights (CPUs without VNNI)")
+    q.add_argument(
+        "--calibration",
+        choices=CALIBRATIONS,
+        default=qd.calibration,
+        help=f"how activation ranges are calibrated (default {qd.calibration})",
+    )
+    q.add_argument(
+        "--op-types",
+        default=",".join(qd.op_types) or "all",
+        metavar="OPS",
+        help="operators to quantize, comma-separated, or 'all' (ONNX Runtime's set); "
+        f"default {','.join(qd.op_types) or 'all'}",
+    )
     q.add_argument(
         "--keep-float",
         default="",
@@ -190,8 +206,9 @@ def _import(args: argparse.Namespace) -> None:
 
 
 def _quantize(args: argparse.Namespace) -> None:
-    from lipsync.quantize.build import QuantizeError, QuantizeOptions, describe, quantize_avatar
+    from lipsync.quantize.build import describe, quantize_avatar
     from lipsync.quantize.check import QualityBounds
+    from lipsync.quantize.options import QuantizeError, QuantizeOptions
 
     opts = QuantizeOptions(
         samples=args.samples,
@@ -199,6 +216,8 @@ def _quantize(args: argparse.Namespace) -> None:
         activation_type=args.activation_type,
         reduce_range=args.reduce_range,
         keep_float=tuple(k for k in args.keep_float.split(",") if k),
+        calibration=args.calibration,
+        op_types=() if args.op_types == "all" else tuple(o for o in args.op_types.split(",") if o),
         bounds=QualityBounds(args.min_psnr, args.min_worst_psnr),
         audio_encoder=args.audio_encoder,
         threads=args.threads,
@@ -223,7 +242,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from lipsync.avatar_package import AvatarError, UnknownModelError
     from lipsync.convert import ConvertError
     from lipsync.nets.onnx_builder import StateDictError
-    from lipsync.quantize.build import QuantizeError
+    from lipsync.quantize.options import QuantizeError
     from lipsync.synctalk_import import DatasetError
 
     return (

@@ -13,13 +13,15 @@ Needs the `onnx` package (the `tools` extra) besides ONNX Runtime.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import io
 import logging
 import os
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -35,35 +37,23 @@ from lipsync.quantize.check import (
     RECORD_FILE,
     CalibrationRecord,
     CheckResult,
-    QualityBounds,
     compare_runs,
     file_sha256,
     write_check_inputs,
+)
+from lipsync.quantize.options import (
+    ACTIVATION_TYPES,
+    CALIBRATIONS,
+    QuantizeError,
+    QuantizeOptions,
 )
 from lipsync.signals import speech_like
 
 log = logging.getLogger(__name__)
 
-ACTIVATION_TYPES = ("quint8", "qint8")
 STRIDE = 2  # calibration samples whose activations are held at once (MinMax, strided)
 CALIBRATION_SPEECH_SEED = 11
 CHECK_SPEECH_SEED = 29
-
-
-class QuantizeError(RuntimeError):
-    """The avatar cannot be quantized, or its int8 model failed the check."""
-
-
-@dataclass(frozen=True)
-class QuantizeOptions:
-    samples: int = 32  # calibration frames (rounded up to a multiple of STRIDE)
-    check_frames: int = 8  # frames of the check (stored with the model)
-    activation_type: str = "quint8"  # quint8 | qint8
-    reduce_range: bool = False  # 7-bit weights (for CPUs without VNNI)
-    keep_float: tuple[str, ...] = ()  # "first", "last": convolutions left in float
-    bounds: QualityBounds = field(default_factory=QualityBounds)
-    audio_encoder: Path | None = None  # for avatars without their own
-    threads: int = 0  # ONNX Runtime intra-op threads (0: all cores)
 
 
 @dataclass(frozen=True)
@@ -191,6 +181,8 @@ def quantize_avatar(folder: Path | str, opts: QuantizeOptions | None = None) -> 
         raise QuantizeError(f"activation type must be one of {', '.join(ACTIVATION_TYPES)}")
     if opts.samples < 1 or not 1 <= opts.check_frames <= 64:
         raise QuantizeError("need at least 1 calibration sample and 1..64 check frames")
+    if opts.calibration not in CALIBRATIONS:
+        raise QuantizeError(f"calibration must be one of {', '.join(CALIBRATIONS)}")
     bad = set(opts.keep_float) - {"first", "last"}
     if bad:
         raise QuantizeError(f"--keep-float takes 'first' and/or 'last', not {sorted(bad)}")
@@ -219,21 +211,30 @@ def quantize_avatar(folder: Path | str, opts: QuantizeOptions | None = None) -> 
         if convs and "last" in opts.keep_float and convs[-1] not in excluded:
             excluded.append(convs[-1])
         int8_tmp = tmp / INT8_UNET_FILE
+        method = {
+            "minmax": CalibrationMethod.MinMax,
+            "percentile": CalibrationMethod.Percentile,
+            "entropy": CalibrationMethod.Entropy,
+        }[opts.calibration]
         log.info("calibrating %s on %d frames", m.name, samples)
         t0 = time.perf_counter()
-        quantize_static(
-            str(pre),
-            str(int8_tmp),
-            _reader(calib, binding.visual, binding.audio),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            reduce_range=opts.reduce_range,
-            activation_type=act,
-            weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,
-            nodes_to_exclude=excluded,
-            extra_options={"CalibStridedMinMax": STRIDE},
-        )
+        chatter = io.StringIO()  # ONNX Runtime's calibrators print their progress
+        with contextlib.redirect_stdout(chatter):
+            quantize_static(
+                str(pre),
+                str(int8_tmp),
+                _reader(calib, binding.visual, binding.audio),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                reduce_range=opts.reduce_range,
+                activation_type=act,
+                weight_type=QuantType.QInt8,
+                calibrate_method=method,
+                nodes_to_exclude=excluded,
+                op_types_to_quantize=list(opts.op_types) or None,
+                extra_options={"CalibStridedMinMax": STRIDE},
+            )
+        log.debug("%s", chatter.getvalue())
         log.info("quantized in %.1f s", time.perf_counter() - t0)
         int8_sess = _session(int8_tmp, opts.threads)
         ib = unet_names(int8_sess)
@@ -250,6 +251,8 @@ def quantize_avatar(folder: Path | str, opts: QuantizeOptions | None = None) -> 
         )
         record = CalibrationRecord(
             float_sha256=file_sha256(m.unet),
+            calibrate_method=str(method).rsplit(".", 1)[-1],
+            op_types=list(opts.op_types),
             int8_sha256=file_sha256(int8_tmp),
             check=result.to_dict(),
             activation_type=str(act).rsplit(".", 1)[-1],

@@ -142,6 +142,7 @@ class CalibrationRecord:
     per_channel: bool = True
     reduce_range: bool = False
     nodes_excluded: list[str] = field(default_factory=list)
+    op_types: list[str] = field(default_factory=list)  # quantized; []: ONNX Runtime's default
     samples: int = 0
     calibration_data: str = ""
     onnxruntime: str = ""
