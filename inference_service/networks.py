@@ -229,7 +229,7 @@ def load_networks(
             note = f"int8 applies to the CPU provider; {provider} serves {precision}"
         elif cpu.int8_path is None:
             note = "int8 asked for, but the package has no int8 UNet (lipsync-avatar quantize)"
-            log.warning("%s: %s; serving float32", model_id, note)
+            log.info("%s: %s; serving float32", model_id, note)
         else:
             try:
                 unet, binding, note = _int8_unet(unet_path, unet, binding, cpu, opts)

@@ -131,10 +131,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     q.add_argument(
         "--op-types",
-        default=",".join(qd.op_types) or "all",
+        default="auto",
         metavar="OPS",
         help="operators to quantize, comma-separated, or 'all' (ONNX Runtime's set); "
-        f"default {','.join(qd.op_types) or 'all'}",
+        "default auto: Conv,Relu,LeakyRelu,Resize,Concat, else without Concat if that "
+        "fails the check",
     )
     q.add_argument(
         "--keep-float",
@@ -205,6 +206,12 @@ def _import(args: argparse.Namespace) -> None:
     print(f"avatar {args.name!r} ready: {res.folder}")
 
 
+def _op_types(arg: str) -> tuple[str, ...] | None:
+    if arg == "auto":
+        return None
+    return () if arg == "all" else tuple(o for o in arg.split(",") if o)
+
+
 def _quantize(args: argparse.Namespace) -> None:
     from lipsync.quantize.build import describe, quantize_avatar
     from lipsync.quantize.check import QualityBounds
@@ -217,7 +224,7 @@ def _quantize(args: argparse.Namespace) -> None:
         reduce_range=args.reduce_range,
         keep_float=tuple(k for k in args.keep_float.split(",") if k),
         calibration=args.calibration,
-        op_types=() if args.op_types == "all" else tuple(o for o in args.op_types.split(",") if o),
+        op_types=_op_types(args.op_types),
         bounds=QualityBounds(args.min_psnr, args.min_worst_psnr),
         audio_encoder=args.audio_encoder,
         threads=args.threads,

@@ -143,6 +143,7 @@ class CalibrationRecord:
     reduce_range: bool = False
     nodes_excluded: list[str] = field(default_factory=list)
     op_types: list[str] = field(default_factory=list)  # quantized; []: ONNX Runtime's default
+    attempts: list[dict[str, Any]] = field(default_factory=list)  # operator sets tried, checks
     samples: int = 0
     calibration_data: str = ""
     onnxruntime: str = ""

@@ -23,10 +23,11 @@ class QuantizeOptions:
     activation_type: str = "quint8"  # quint8 | qint8
     reduce_range: bool = False  # 7-bit weights (for CPUs without VNNI)
     keep_float: tuple[str, ...] = ()  # "first", "last": convolutions left in float
-    # percentile (99.999 %) and Conv alone: measured best on the demo avatar (mean 38.9 dB
-    # where MinMax over ONNX Runtime's whole operator set gave 36.3; docs/PERFORMANCE.md)
+    # percentile (99.999 %): on the demo avatar MinMax gave 36.3 dB mean (docs/PERFORMANCE.md)
     calibration: str = "percentile"  # minmax | percentile | entropy
-    op_types: tuple[str, ...] = ("Conv",)  # operators to quantize; (): ONNX Runtime's set
+    # operators to quantize; (): ONNX Runtime's set; None: build.OP_TYPE_CANDIDATES in
+    # turn, fastest first, until one passes the check
+    op_types: tuple[str, ...] | None = None
     bounds: QualityBounds = field(default_factory=QualityBounds)
     audio_encoder: Path | None = None  # for avatars without their own
     threads: int = 0  # ONNX Runtime intra-op threads (0: all cores)
