@@ -83,6 +83,22 @@ def _session(path: Path | str, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
 
 
+# Loudness of the speech's successive segments: real speech has quiet syllables and pauses,
+# and an audio encoder's features for them can lie far outside those of loud speech (the
+# reference-size encoder: features up to 35 in silence, 10 in loud speech-like audio).
+SPEECH_GAINS = (1.0, 0.3, 0.0, 0.1, 0.6, 0.03)
+SPEECH_SEGMENT_S = 0.5
+
+
+def speech_mix(seconds: float, seed: int) -> np.ndarray:
+    """Speech-like audio (lipsync.signals.speech_like) whose loudness steps through
+    SPEECH_GAINS, silence included, every SPEECH_SEGMENT_S seconds."""
+    clip = speech_like(seconds, seed=seed)
+    seg = int(SPEECH_SEGMENT_S * 16000)
+    gains = np.array(SPEECH_GAINS, np.float32)[(np.arange(len(clip)) // seg) % len(SPEECH_GAINS)]
+    return (clip * gains).astype(np.float32)
+
+
 def _evenly(n_items: int, count: int, phase: float = 0.0) -> np.ndarray:
     """`count` indices spread over range(n_items) (repeats when count > n_items)."""
     return (np.floor((np.arange(count) + phase) * n_items / count) % n_items).astype(np.int64)
@@ -101,8 +117,7 @@ class AvatarSamples:
             )
         self.frame_idx = _evenly(len(self.files), count, phase)
         # enough speech for distinct audio under every sample, at least 4 s
-        seconds = max(4.0, count / 25.0 + 1.0)
-        clip = speech_like(seconds, seed=seed)
+        clip = speech_mix(max(4.0, count / 25.0 + 1.0), seed)
         spec = mel.melspectrogram(clip)
         enc = _session(encoder, 1)
         feats = enc.run(None, {enc.get_inputs()[0].name: windows.mel_windows(spec)})[0]
@@ -278,9 +293,10 @@ def quantize_avatar(folder: Path | str, opts: QuantizeOptions | None = None) -> 
             samples=samples,
             calibration_data=(
                 f"{samples} of the avatar's face crops (frames spread evenly) with audio "
-                f"blocks of lipsync.signals.speech_like(seed={CALIBRATION_SPEECH_SEED}) "
+                f"blocks of speech_mix(seed={CALIBRATION_SPEECH_SEED}) (speech_like at "
+                f"gains {', '.join(map(str, SPEECH_GAINS))} every {SPEECH_SEGMENT_S} s) "
                 "through mel, the audio encoder and feature blocks; check: "
-                f"{opts.check_frames} other frames, speech_like(seed={CHECK_SPEECH_SEED})"
+                f"{opts.check_frames} other frames, speech_mix(seed={CHECK_SPEECH_SEED})"
             ),
             onnxruntime=ort.__version__,
             created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
