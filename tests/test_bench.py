@@ -46,10 +46,13 @@ def test_bench_writes_every_figure(tmp_path, monkeypatch, capsys):
     assert f"{r['unet_ceiling_fps']:.2f} frames/s" in printed
     # int8 (issue 20): the quantized UNet alone and end to end, beside float32
     q = r["int8"]
-    assert q["served"].startswith("int8 "), q["served"]
+    assert q["served"] == "int8", q["served_note"]
+    assert q["unet_speedup_best"] == max(q["unet_fps_by_batch"].values()) / max(
+        q["unet_fps_by_batch_fp32_same_time"].values()
+    )
     assert set(q["unet_fps_by_batch"]) == {"1", "2"} and positive(q["unet_ceiling_fps"])
     assert all(map(positive, q["unet_fps_by_batch_fp32_same_time"].values()))
     assert set(q["e2e_fps"]) == {"1"} and positive(q["e2e_fps"]["1"])
     assert q["ratio_e2e_int8_to_float32"]["1"] == q["e2e_fps"]["1"] / r["e2e_fps"]["1"]
     assert q["ratio_ceiling_int8_to_float32"] == q["unet_ceiling_fps"] / r["unet_ceiling_fps"]
-    assert "int8 UNet (QDQ" in printed and "served as: int8" in printed
+    assert "int8 UNet (QDQ" in printed and "served as: int8;" in printed
