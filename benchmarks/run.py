@@ -208,6 +208,16 @@ class UNetAlone:
         feeds = self.feeds[batch]
         return median_time(lambda: self.session.run(None, feeds), -(-frames // batch), warmup)
 
+    def cpu_ms_per_frame(self, batch: int, frames: int) -> float:
+        """CPU milliseconds (all the process's threads) per frame over runs of `batch`
+        frames totalling >= `frames`: the work, whatever the neighbours take of the cores."""
+        feeds = self.feeds[batch]
+        runs = -(-frames // batch)
+        t0 = time.process_time()
+        for _ in range(runs):
+            self.session.run(None, feeds)
+        return (time.process_time() - t0) * 1e3 / (runs * batch)
+
     def table(self, min_frames: int, rounds: int = 3) -> dict[int, float]:
         """Frames per second at each batch size. The batch sizes take turns over `rounds`
         rounds, so a noisy minute on a shared machine falls on all of them alike; each
@@ -427,11 +437,21 @@ def main(argv: list[str] | None = None) -> int:
         fps8 = unet8.table(min_frames)
         fps32 = unet.table(min_frames)
         best8 = max(fps8, key=fps8.get)
+        # CPU time per frame, float32 and int8 taking turns: the work each does, which a
+        # shared machine's neighbours do not change the way they change wall time
+        cpu_ms: dict[str, list[float]] = {"float32": [], "int8": []}
+        for _ in range(3):
+            cpu_ms["float32"].append(unet.cpu_ms_per_frame(1, min_frames))
+            cpu_ms["int8"].append(unet8.cpu_ms_per_frame(1, min_frames))
+        cpu32, cpu8 = (statistics.median(v) for v in cpu_ms.values())
         int8.update(
             unet_fps_by_batch={str(k): v for k, v in fps8.items()},
             unet_fps_by_batch_fp32_same_time={str(k): v for k, v in fps32.items()},
             unet_best_batch=best8,
             unet_speedup_best=fps8[best8] / max(fps32.values()),
+            unet_speedup_median_of_batches=statistics.median(fps8[b] / fps32[b] for b in fps8),
+            unet_cpu_ms_per_frame_batch1={"float32": cpu32, "int8": cpu8},
+            unet_speedup_cpu_time=cpu32 / cpu8,
         )
 
         def ceiling_now_int8() -> float:
@@ -608,8 +628,13 @@ def print_int8(r: dict) -> None:
         v32 = q["unet_fps_by_batch_fp32_same_time"][b]
         print(f"  batch {b:<36} {v32:11.2f} {v8:10.2f} {v8 / v32:10.2f}")
     print(
-        f"int8 / float32, UNet alone, each at its best batch, measured taking turns: "
-        f"{q['unet_speedup_best']:.2f}x"
+        f"int8 / float32, UNet alone, taking turns: {q['unet_speedup_best']:.2f}x (each at "
+        f"its best batch), {q['unet_speedup_median_of_batches']:.2f}x (median over batches)"
+    )
+    c = q["unet_cpu_ms_per_frame_batch1"]
+    print(
+        f"CPU time per frame at batch 1 (the work, whatever the neighbours take): float32 "
+        f"{c['float32']:.1f} ms, int8 {c['int8']:.1f} ms: {q['unet_speedup_cpu_time']:.2f}x"
     )
     print(
         f"ceiling: int8 {q['unet_ceiling_fps']:.2f} frames/s (best batch {q['unet_best_batch']}; "

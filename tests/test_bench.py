@@ -52,6 +52,9 @@ def test_bench_writes_every_figure(tmp_path, monkeypatch, capsys):
     )
     assert set(q["unet_fps_by_batch"]) == {"1", "2"} and positive(q["unet_ceiling_fps"])
     assert all(map(positive, q["unet_fps_by_batch_fp32_same_time"].values()))
+    c = q["unet_cpu_ms_per_frame_batch1"]
+    assert positive(c["float32"]) and positive(c["int8"])
+    assert q["unet_speedup_cpu_time"] == c["float32"] / c["int8"]
     assert set(q["e2e_fps"]) == {"1"} and positive(q["e2e_fps"]["1"])
     assert q["ratio_e2e_int8_to_float32"]["1"] == q["e2e_fps"]["1"] / r["e2e_fps"]["1"]
     assert q["ratio_ceiling_int8_to_float32"] == q["unet_ceiling_fps"] / r["unet_ceiling_fps"]
