@@ -149,7 +149,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="ENC",
         help="audio_encoder.onnx, for an avatar without its own",
     )
-    q.add_argument("--min-psnr", type=float, default=38.0, help="mean PSNR bound, dB (38)")
+    q.add_argument(
+        "--min-psnr",
+        type=float,
+        default=38.0,
+        help="mean PSNR bound, dB (38; the inference service checks again "
+        "against inference.int8_min_mean_psnr_db)",
+    )
     q.add_argument(
         "--min-worst-psnr", type=float, default=32.0, help="worst-frame PSNR bound, dB (32)"
     )
