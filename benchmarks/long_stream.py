@@ -23,11 +23,11 @@ import grpc
 import numpy as np
 
 from benchmarks.bench_avatar import use_tiny_avatar
+from lipsync.avatars.speech_signal import speech_like
 from lipsync.client import chunked, clip_requests
 from lipsync.core.windows import frames_of_samples
 from lipsync.local.launch import ServiceProcesses
 from lipsync.local.ports import free_port
-from lipsync.local.speech_signal import speech_like
 from lipsync.proto import compositing_pb2 as cpb
 from lipsync.proto import compositing_pb2_grpc as cpb_grpc
 

@@ -25,9 +25,9 @@ import grpc
 import numpy as np
 
 from benchmarks.bench_avatar import use_tiny_avatar
+from lipsync.avatars.speech_signal import speech_like
 from lipsync.local.launch import ServiceProcesses
 from lipsync.local.ports import free_port
-from lipsync.local.speech_signal import speech_like
 from lipsync.proto import compositing_pb2 as cpb
 from lipsync.proto import compositing_pb2_grpc as cpb_grpc
 

@@ -1,6 +1,8 @@
 """`make bench`: every stage's cost per frame, the UNet alone (the ceiling), the reference
 script's one-frame-at-a-time loop, and end-to-end throughput through both services for
-1, 2, 4 and 8 concurrent clients, all in one run on this machine.
+1, 2, 4 and 8 concurrent clients, all in one run on this machine. On the CPU also the
+int8 UNet (`lipsync-avatar quantize`, inference.cpu_precision: int8): alone, and end to
+end for 1 and 4 clients, beside float32.
 
 Prints one table and writes the figures to out/bench.json. Compare ratios within a run:
 the machines are shared and noisy.
@@ -32,12 +34,14 @@ from benchmarks.transfer import bench_transfer
 from compositing_service.compositor import paste_and_encode
 from compositing_service.jpeg import JpegEncoder
 from inference_service.sessions import SessionOptions, UNetBinding, create_session
+from lipsync.avatars.quantize import INT8_UNET_FILE, RECORD_FILE, read_record
+from lipsync.avatars.quantize.check import Int8RefusedError, file_sha256
+from lipsync.avatars.speech_signal import speech_like
 from lipsync.config import load_config
 from lipsync.core import audio, mel, windows
 from lipsync.core.visual import face_crop, inner, mouth_to_uint8, paste_back, visual_input
 from lipsync.local.launch import ServiceProcesses
 from lipsync.local.ports import free_port
-from lipsync.local.speech_signal import speech_like
 from lipsync.proto import compositing_pb2 as cpb
 from lipsync.proto import compositing_pb2_grpc as cpb_grpc
 
@@ -70,6 +74,49 @@ def gpu_name() -> str:
         return out.stdout.strip().splitlines()[0]
     except (OSError, subprocess.SubprocessError, IndexError):
         return "unknown"
+
+
+def cpu_int8_features() -> list[str]:
+    """The CPU's int8 dot-product instructions (VNNI, AMX), from /proc/cpuinfo's flags."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                wanted = ("avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16")
+                return [f for f in wanted if f in flags]
+    except OSError:
+        pass
+    return []
+
+
+def ensure_int8(folder: Path, samples: int) -> dict:
+    """The bench avatar's int8 UNet (made by lipsync-avatar quantize's code if missing or
+    stale); returns its calibration record's check."""
+    try:
+        record = read_record(folder / RECORD_FILE)
+        if record.float_sha256 == file_sha256(folder / "unet.onnx") and (
+            record.int8_sha256 == file_sha256(folder / INT8_UNET_FILE)
+        ):
+            return record.check
+    except (Int8RefusedError, OSError):
+        pass
+    from lipsync.avatars.quantize.build import describe, quantize_avatar
+    from lipsync.avatars.quantize.options import QuantizeOptions
+
+    print("quantizing the bench avatar's UNet to int8 (lipsync-avatar quantize)...", flush=True)
+    report = quantize_avatar(folder, QuantizeOptions(samples=samples))
+    print(describe(report))
+    if report.int8_path is None:
+        raise RuntimeError(f"the bench avatar's int8 UNet failed its check: {report.check}")
+    return report.record.check
+
+
+def served_precision(address: str, model_id: str) -> tuple[str, str]:
+    """The UNet precision the services serve `model_id` with, and its note (GetModelStats)."""
+    with grpc.insecure_channel(address) as channel:
+        stub = cpb_grpc.CompositingServiceStub(channel)
+        (st,) = stub.GetModelStats(cpb.GetModelStatsRequest(model_id=model_id)).stats
+    return st.unet_precision, st.precision_note
 
 
 def cpu_name() -> str:
@@ -143,8 +190,10 @@ def bench_stages(folder: Path, opts: SessionOptions, quality: int) -> dict[str, 
 class UNetAlone:
     """The UNet alone in ONNX Runtime, fed random inputs of each batch size."""
 
-    def __init__(self, folder: Path, opts: SessionOptions, batches: list[int]):
-        self.session = create_session(folder / "unet.onnx", opts, fp16_ok=True)
+    def __init__(
+        self, folder: Path, opts: SessionOptions, batches: list[int], model: str = "unet.onnx"
+    ):
+        self.session = create_session(folder / model, opts, fp16_ok=model == "unet.onnx")
         b = UNetBinding.of(self.session)
         rng = np.random.default_rng(0)
         self.feeds = {
@@ -159,6 +208,16 @@ class UNetAlone:
         """Median seconds of one run of `batch` frames, over runs totalling >= `frames`."""
         feeds = self.feeds[batch]
         return median_time(lambda: self.session.run(None, feeds), -(-frames // batch), warmup)
+
+    def cpu_ms_per_frame(self, batch: int, frames: int) -> float:
+        """CPU milliseconds (all the process's threads) per frame over runs of `batch`
+        frames totalling >= `frames`: the work, whatever the neighbours take of the cores."""
+        feeds = self.feeds[batch]
+        runs = -(-frames // batch)
+        t0 = time.process_time()
+        for _ in range(runs):
+            self.session.run(None, feeds)
+        return (time.process_time() - t0) * 1e3 / (runs * batch)
 
     def table(self, min_frames: int, rounds: int = 3) -> dict[int, float]:
         """Frames per second at each batch size. The batch sizes take turns over `rounds`
@@ -328,6 +387,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=8, help="frames per request")
     ap.add_argument("--unet-batches", help="default: 1,2,4,8,16 on the CPU; 1,8,16,32,64 on a GPU")
     ap.add_argument("--reference-frames", type=int, default=16)
+    ap.add_argument(
+        "--int8-samples", type=int, default=32, help="calibration frames of the int8 UNet"
+    )
+    ap.add_argument(
+        "--int8-clients", default="1,4", help="end-to-end client counts for int8 ('': no int8)"
+    )
     ap.add_argument("--out", default=str(OUT / "bench.json"))
     args = ap.parse_args(argv)
     cfg = load_config()
@@ -369,6 +434,38 @@ def main(argv: list[str] | None = None) -> int:
     def ceiling_now() -> float:
         return best_batch / unet.seconds_per_run(best_batch, min_frames)
 
+    int8_clients = [int(c) for c in args.int8_clients.split(",") if c] if not gpu else []
+    int8: dict = {}
+    if int8_clients:
+        int8["quantize_check"] = ensure_int8(folder, args.int8_samples)
+        print("measuring the int8 UNet alone...")
+        unet8 = UNetAlone(
+            folder, dataclasses.replace(opts, providers=("cpu",)), batches, INT8_UNET_FILE
+        )
+        # float32 and int8 take turns, so both see the same minutes of a shared machine
+        fps8 = unet8.table(min_frames)
+        fps32 = unet.table(min_frames)
+        best8 = max(fps8, key=fps8.get)
+        # CPU time per frame, float32 and int8 taking turns: the work each does, which a
+        # shared machine's neighbours do not change the way they change wall time
+        cpu_ms: dict[str, list[float]] = {"float32": [], "int8": []}
+        for _ in range(3):
+            cpu_ms["float32"].append(unet.cpu_ms_per_frame(1, min_frames))
+            cpu_ms["int8"].append(unet8.cpu_ms_per_frame(1, min_frames))
+        cpu32, cpu8 = (statistics.median(v) for v in cpu_ms.values())
+        int8.update(
+            unet_fps_by_batch={str(k): v for k, v in fps8.items()},
+            unet_fps_by_batch_fp32_same_time={str(k): v for k, v in fps32.items()},
+            unet_best_batch=best8,
+            unet_speedup_best=fps8[best8] / max(fps32.values()),
+            unet_speedup_median_of_batches=statistics.median(fps8[b] / fps32[b] for b in fps8),
+            unet_cpu_ms_per_frame_batch1={"float32": cpu32, "int8": cpu8},
+            unet_speedup_cpu_time=cpu32 / cpu8,
+        )
+
+        def ceiling_now_int8() -> float:
+            return best8 / unet8.seconds_per_run(best8, min_frames)
+
     print("measuring the reference loop...")
     ref_loops = bench_reference_loops(
         folder, unet.session, args.reference_frames, cfg.compositing.jpeg_quality, gpu
@@ -386,6 +483,28 @@ def main(argv: list[str] | None = None) -> int:
         start_s = time.perf_counter() - t0
         e2e = bench_e2e(services.address, clients, args.requests, args.batch_size, ceiling_now)
     first_request_ms = e2e.pop("first_request_ms")
+    if int8_clients:
+        print("measuring end to end with the int8 UNet (inference.cpu_precision: int8)...")
+        env8 = dict(env, LIPSYNC_INFERENCE__CPU_PRECISION="int8")
+        services8 = ServiceProcesses(
+            env=env8, inference_port=free_port(), compositing_port=free_port(), quiet=True
+        )
+        with services8.start():
+            e2e8 = bench_e2e(
+                services8.address, int8_clients, args.requests, args.batch_size, ceiling_now_int8
+            )
+            int8["served"], int8["served_note"] = served_precision(
+                services8.address, bench_avatar.NAME
+            )
+        e2e8.pop("first_request_ms")
+        probes8 = [e2e8[int8_clients[0]]["ceiling_around_fps"][0]]
+        probes8 += [e2e8[c]["ceiling_around_fps"][1] for c in int8_clients]
+        int8["unet_ceiling_fps"] = statistics.median([fps8[best8], *probes8])
+        int8["e2e"] = {str(c): r for c, r in e2e8.items()}
+        int8["e2e_fps"] = {str(c): r["fps"] for c, r in e2e8.items()}
+        int8["ratio_e2e_int8_to_float32"] = {
+            str(c): e2e8[c]["fps"] / e2e[c]["fps"] for c in int8_clients if c in e2e
+        }
     # The ceiling: the UNet alone at its best batch, the median of every time it was
     # measured in this run (the batch table and the runs around each end-to-end figure).
     probes = [e2e[clients[0]]["ceiling_around_fps"][0]]
@@ -443,7 +562,11 @@ def main(argv: list[str] | None = None) -> int:
         # measured inside the end-to-end run, where each request also encodes the
         # context windows around its frames
         "audio_share_e2e": e2e[ref_clients]["audio_ms_per_frame"] / (1e3 / e2e[ref_clients]["fps"]),
+        "cpu_int8_features": cpu_int8_features(),
+        "int8": int8 or None,
     }
+    if int8:
+        int8["ratio_ceiling_int8_to_float32"] = int8["unet_ceiling_fps"] / ceiling
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print_report(report)
@@ -512,6 +635,45 @@ def print_report(r: dict) -> None:
             f"JPEG {c['jpeg_region_ms_per_frame']:5.2f} ms "
             f"({c['jpeg_region_streams_per_core']:5.1f} streams/core, "
             f"{c['jpeg_bytes_per_frame']:7.0f} B/frame, {c['jpeg_psnr_db']:5.2f} dB)"
+        )
+    if r.get("int8"):
+        print_int8(r)
+
+
+def print_int8(r: dict) -> None:
+    q = r["int8"]
+    feats = ", ".join(r["cpu_int8_features"]) or "none"
+    chk = q["quantize_check"]
+    print(
+        f"\nint8 UNet (QDQ, lipsync-avatar quantize; CPU int8 instructions: {feats}); its "
+        f"check: mouth-region PSNR mean {chk['mean_psnr_db']:.2f} dB, worst "
+        f"{chk['worst_psnr_db']:.2f} dB; served as: {q['served']}; {q['served_note']}"
+    )
+    print("UNet alone, float32 and int8 taking turns   float32 f/s   int8 f/s   int8/float32")
+    for b, v8 in q["unet_fps_by_batch"].items():
+        v32 = q["unet_fps_by_batch_fp32_same_time"][b]
+        print(f"  batch {b:<36} {v32:11.2f} {v8:10.2f} {v8 / v32:10.2f}")
+    print(
+        f"int8 / float32, UNet alone, taking turns: {q['unet_speedup_best']:.2f}x (each at "
+        f"its best batch), {q['unet_speedup_median_of_batches']:.2f}x (median over batches)"
+    )
+    c = q["unet_cpu_ms_per_frame_batch1"]
+    print(
+        f"CPU time per frame at batch 1 (the work, whatever the neighbours take): float32 "
+        f"{c['float32']:.1f} ms, int8 {c['int8']:.1f} ms: {q['unet_speedup_cpu_time']:.2f}x"
+    )
+    print(
+        f"ceiling: int8 {q['unet_ceiling_fps']:.2f} frames/s (best batch {q['unet_best_batch']}; "
+        f"the median around its end-to-end runs) = {q['ratio_ceiling_int8_to_float32']:.2f} x "
+        f"the float32 ceiling {r['unet_ceiling_fps']:.2f} (measured at other minutes)"
+    )
+    print("end to end    clients   float32 f/s   int8 f/s   int8/float32   int8 / its ceiling")
+    for c, e in q["e2e"].items():
+        f32 = r["e2e"][c]["fps"] if c in r["e2e"] else float("nan")
+        print(
+            f"  {'':<10} {c:>7} {f32:13.2f} {e['fps']:10.2f} "
+            f"{q['ratio_e2e_int8_to_float32'].get(c, float('nan')):14.2f} "
+            f"{e['ratio_to_ceiling_around']:18.2f}"
         )
 
 

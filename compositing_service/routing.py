@@ -409,6 +409,8 @@ class RoutedInferenceClient:
                 m.last_used_unix = max(m.last_used_unix, s.last_used_unix)
                 m.load_time_ms = max(m.load_time_ms, s.load_time_ms)
                 m.execution_provider = m.execution_provider or s.execution_provider
+                m.unet_precision = m.unet_precision or s.unet_precision
+                m.precision_note = m.precision_note or s.precision_note
         for k in sorted(merged):
             m = merged[k]
             m.avg_ms_per_frame = m.total_inference_ms / m.frame_count if m.frame_count else 0.0

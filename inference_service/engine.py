@@ -17,10 +17,17 @@ import numpy as np
 
 from inference_service.batching import BatchRun, Expired, caller_scope
 from inference_service.memory import LoadMeter
-from inference_service.networks import AudioEncoder, AvatarNetworks, BatchPolicy, load_networks
+from inference_service.networks import (
+    AudioEncoder,
+    AvatarNetworks,
+    BatchPolicy,
+    CpuPrecision,
+    load_networks,
+)
 from inference_service.registry import ModelRegistry
 from inference_service.sessions import SessionOptions
 from lipsync.avatars.package import AvatarCatalog
+from lipsync.avatars.quantize.check import QualityBounds
 from lipsync.config import Config
 from lipsync.core import audio, lookahead, mel, windows
 from lipsync.core.visual import visual_input
@@ -96,6 +103,12 @@ class InferenceEngine:
 
     def _load(self, model_id: str) -> AvatarNetworks:
         m = self.catalog.get(model_id)
+        icfg = self.cfg.inference
+        cpu = CpuPrecision(
+            m.cpu_precision or icfg.cpu_precision,
+            m.unet_int8,
+            QualityBounds(icfg.int8_min_mean_psnr_db, icfg.int8_min_worst_psnr_db),
+        )
         with LoadMeter(self.cfg.inference.device_id) as meter:
             nets = load_networks(
                 model_id,
@@ -104,6 +117,7 @@ class InferenceEngine:
                 self._shared_encoder,
                 self.session_opts,
                 self.batch_policy,
+                cpu,
             )
             t0 = time.perf_counter()
             nets.warm_up()

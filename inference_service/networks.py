@@ -8,7 +8,7 @@ import hashlib
 import logging
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,7 @@ from inference_service.sessions import (
     create_session,
     main_provider,
 )
+from lipsync.avatars.quantize.check import QualityBounds, check_int8_unet
 from lipsync.core.tensors import AUDIO_ENCODER_INPUT_SHAPE, UNET_AUDIO_SHAPE, UNET_INPUT_SHAPE
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,8 @@ class AvatarNetworks:
     runner: _Runner
     # Memory the load added, measured (inference_service/memory.py): GetModelStats.
     memory_bytes: int = 0
+    precision: str = "float32"  # of the UNet served: float32 | float16 | int8
+    precision_note: str = ""  # why not the precision asked for, or the int8 check's result
 
     def _run(self, visual: np.ndarray, audio: np.ndarray) -> np.ndarray:
         b = self.unet_binding
@@ -157,6 +160,53 @@ class AvatarNetworks:
         self.encoder._run(np.zeros((1, *AUDIO_ENCODER_INPUT_SHAPE), np.float32))
 
 
+@dataclass(frozen=True)
+class CpuPrecision:
+    """Which UNet the CPU provider serves for an avatar: "float32", or "int8" from
+    `int8_path` when it passes its check against `bounds` (lipsync.avatars.quantize.check)."""
+
+    precision: str = "float32"
+    int8_path: Path | None = None
+    bounds: QualityBounds = field(default_factory=QualityBounds)
+
+
+def _unet_run(sess: ort.InferenceSession, b: UNetBinding):  # type: ignore[no-untyped-def]
+    def run(visual: np.ndarray, audio: np.ndarray) -> np.ndarray:
+        return sess.run([b.output], {b.visual: visual, b.audio: audio})[0]
+
+    return run
+
+
+def _int8_unet(
+    float_path: Path,
+    float_session: ort.InferenceSession,
+    float_binding: UNetBinding,
+    choice: CpuPrecision,
+    opts: SessionOptions,
+) -> tuple[ort.InferenceSession, UNetBinding, str]:
+    """The int8 UNet's session, binding and check summary; Int8RefusedError (or any error
+    loading it) when it is not to be served."""
+    assert choice.int8_path is not None
+    made: list[tuple[ort.InferenceSession, UNetBinding]] = []
+
+    def make_run():  # type: ignore[no-untyped-def]
+        sess = create_session(choice.int8_path, dataclasses.replace(opts, providers=("cpu",)))
+        binding = UNetBinding.of(sess, str(choice.int8_path))
+        check_unet(sess, binding, str(choice.int8_path))
+        made.append((sess, binding))
+        return _unet_run(sess, binding)
+
+    _, result, _ = check_int8_unet(
+        float_path,
+        choice.int8_path,
+        _unet_run(float_session, float_binding),
+        make_run,
+        choice.bounds,
+    )
+    sess, binding = made[0]
+    return sess, binding, result.describe()
+
+
 def load_networks(
     model_id: str,
     unet_path: Path,
@@ -164,10 +214,36 @@ def load_networks(
     shared_encoder: AudioEncoder | None,
     opts: SessionOptions,
     policy: BatchPolicy,
+    cpu: CpuPrecision | None = None,
 ) -> AvatarNetworks:
+    cpu = cpu or CpuPrecision()
     unet = create_session(unet_path, opts, fp16_ok=True)
     binding = UNetBinding.of(unet, str(unet_path))
     check_unet(unet, binding, str(unet_path))
+    provider = main_provider(unet)
+    on_cpu = provider == "CPUExecutionProvider"
+    precision = "float32" if on_cpu or not opts.cuda_fp16 else "float16"
+    note = ""
+    if cpu.precision == "int8":
+        if not on_cpu:
+            note = f"int8 applies to the CPU provider; {provider} serves {precision}"
+        elif cpu.int8_path is None:
+            note = "int8 asked for, but the package has no int8 UNet (lipsync-avatar quantize)"
+            log.info("%s: %s; serving float32", model_id, note)
+        else:
+            try:
+                unet, binding, note = _int8_unet(unet_path, unet, binding, cpu, opts)
+                precision = "int8"
+                log.info("%s: serving the int8 UNet %s (%s)", model_id, cpu.int8_path, note)
+            except Exception as exc:  # an optional faster model: any failure keeps float32
+                note = f"int8 UNet refused: {' '.join(str(exc).split())[:500]}"
+                log.warning(
+                    "%s: %s refused, serving the float32 UNet instead: %s",
+                    model_id,
+                    cpu.int8_path,
+                    note,
+                )
+    unet_file = cpu.int8_path if precision == "int8" and cpu.int8_path else unet_path
     if encoder_path is not None:
         encoder, own = AudioEncoder(encoder_path, opts, policy), True
     elif shared_encoder is not None:
@@ -183,9 +259,11 @@ def load_networks(
         unet_binding=binding,
         encoder=encoder,
         own_encoder=own,
-        nbytes=unet_path.stat().st_size + (encoder.nbytes if own else 0),
+        nbytes=unet_file.stat().st_size + (encoder.nbytes if own else 0),
         provider=main_provider(unet),
         runner=None,  # type: ignore[arg-type]
+        precision=precision,
+        precision_note=note,
     )
     nets.runner = _Runner(nets._run, policy.for_provider(nets.provider), f"unet:{model_id}")
     return nets

@@ -168,6 +168,8 @@ class InferenceServicer(ipb_grpc.InferenceServiceServicer):
                     last_used_unix=u.last_used if u else 0.0,
                     load_time_ms=u.load_ms if u else 0.0,
                     execution_provider=e.model.provider if e else "",
+                    unet_precision=e.model.precision if e else "",
+                    precision_note=e.model.precision_note if e else "",
                 )
             )
         return common.GetModelStatsResponse(

@@ -143,6 +143,15 @@ class InferenceConfig:
     device_id: int = 0
     # Run the UNet in float16 on CUDA (the model is converted at load).
     cuda_fp16: bool = True
+    # The UNet the CPU provider serves: float32, or int8 where the avatar package has an
+    # int8 UNet (`lipsync-avatar quantize`) that passes its calibration check at load
+    # (else float32, logged). avatar.yaml's `cpu_precision` decides per avatar. CUDA
+    # keeps its float model (cuda_fp16).
+    cpu_precision: str = "float32"
+    # The check at load: mouth-region PSNR of int8 against float32 on the package's
+    # check frames, mean and worst frame (dB); below either, the int8 UNet is refused.
+    int8_min_mean_psnr_db: float = 38.0
+    int8_min_worst_psnr_db: float = 32.0
     # Audio encoder used by avatars that ship none (avatars' own take precedence).
     shared_audio_encoder: str | None = None
     intra_op_threads: int = 0  # 0: onnxruntime's default (all cores)
@@ -419,6 +428,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("limits.max_batch_size must be at least 1")
     if min(cfg.inference.batching.max_batch, cfg.inference.batching.cpu_max_batch) < 1:
         raise ConfigError("inference.batching.max_batch and cpu_max_batch must be at least 1")
+    if cfg.inference.cpu_precision not in ("float32", "int8"):
+        raise ConfigError("inference.cpu_precision must be 'float32' or 'int8'")
     if cfg.log_format not in ("text", "json"):
         raise ConfigError("log_format must be 'text' or 'json'")
     if cfg.access_log not in ("info", "debug", "off"):

@@ -14,7 +14,7 @@ from lipsync.avatars.package import (
     write_frames,
     write_manifest,
 )
-from lipsync.local.speech_signal import speech_like
+from lipsync.avatars.speech_signal import speech_like
 from tests.onnx_models import build_test_encoder, build_test_unet
 
 __all__ = ["make_avatar", "make_frames", "make_rects", "speech_like"]

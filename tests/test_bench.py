@@ -15,6 +15,7 @@ def test_bench_writes_every_figure(tmp_path, monkeypatch, capsys):
     out = tmp_path / "bench.json"
     argv = ["--clients", "1,2", "--requests", "1", "--batch-size", "2"]
     argv += ["--unet-batches", "1,2", "--reference-frames", "2", "--out", str(out)]
+    argv += ["--int8-clients", "1", "--int8-samples", "4"]
     assert run.main(argv) == 0
     r = json.loads(out.read_text())
     printed = capsys.readouterr().out
@@ -49,6 +50,21 @@ def test_bench_writes_every_figure(tmp_path, monkeypatch, capsys):
     assert f"H.264 streams (libx264 {r['h264']['preset']}" in printed
     assert "ceiling (UNet alone, best batch" in printed
     assert f"{r['unet_ceiling_fps']:.2f} frames/s" in printed
+    # int8 (issue 20): the quantized UNet alone and end to end, beside float32
+    q = r["int8"]
+    assert q["served"] == "int8", q["served_note"]
+    assert q["unet_speedup_best"] == max(q["unet_fps_by_batch"].values()) / max(
+        q["unet_fps_by_batch_fp32_same_time"].values()
+    )
+    assert set(q["unet_fps_by_batch"]) == {"1", "2"} and positive(q["unet_ceiling_fps"])
+    assert all(map(positive, q["unet_fps_by_batch_fp32_same_time"].values()))
+    c = q["unet_cpu_ms_per_frame_batch1"]
+    assert positive(c["float32"]) and positive(c["int8"])
+    assert q["unet_speedup_cpu_time"] == c["float32"] / c["int8"]
+    assert set(q["e2e_fps"]) == {"1"} and positive(q["e2e_fps"]["1"])
+    assert q["ratio_e2e_int8_to_float32"]["1"] == q["e2e_fps"]["1"] / r["e2e_fps"]["1"]
+    assert q["ratio_ceiling_int8_to_float32"] == q["unet_ceiling_fps"] / r["unet_ceiling_fps"]
+    assert "int8 UNet (QDQ" in printed and "served as: int8;" in printed
 
 
 def test_h264_bench_without_services(tmp_path, capsys):

@@ -9,7 +9,11 @@ An avatar is a folder under the avatars root::
       audio_encoder.onnx  # [B,1,80,16] -> [B,512]; optional
       frames/             # full frames, ordered by the number in each file name
       crop_rects.json     # [[x1, y1, x2, y2], ...], one per frame
+      unet.int8.onnx      # optional: int8 UNet for the CPU (`lipsync-avatar quantize`),
+                          # with unet.int8.json and unet.int8.check.npz beside it
 
+avatar.yaml may also say `cpu_precision: float32|int8` (which UNet the CPU serves for
+this avatar; default inference.cpu_precision) and `unet_int8` (default unet.int8.onnx).
 Paths in avatar.yaml are relative to the folder and must stay inside it. The API's
 `model_id` is the manifest's `name`; a model id is only ever looked up in the
 catalog built by scanning the root, never joined onto a path.
@@ -42,6 +46,8 @@ MAX_MANIFEST_BYTES = 64 * 1024  # avatar.yaml is a few lines
 MAX_FRAME_PIXELS = 4096 * 4096  # a frame's width x height, read from its header
 RESCAN_INTERVAL_S = 5.0  # an unknown model id rescans the root at most this often
 _NUMBER = re.compile(r"(\d+)")
+CPU_PRECISIONS = ("float32", "int8")  # the UNet the CPU provider serves
+INT8_UNET_FILE = "unet.int8.onnx"  # lipsync.avatars.quantize
 
 
 class AvatarError(ValueError):
@@ -79,6 +85,10 @@ class AvatarManifest:
     audio_encoder: Path | None
     frames_dir: Path
     crop_rects: Path
+    # lipsync.avatars.quantize: the int8 UNet if the package has one, and the avatar's own
+    # choice of precision on the CPU (None: inference.cpu_precision decides)
+    unet_int8: Path | None = None
+    cpu_precision: str | None = None
 
     def frame_files(self) -> list[Path]:
         return list_frame_files(self.frames_dir, self.folder)
@@ -157,6 +167,16 @@ def load_manifest(folder: Path | str) -> AvatarManifest:
         raise AvatarError(f"{path}: audio_encoder file {audio_encoder.name} not found")
     if not frames_dir.is_dir():
         raise AvatarError(f"{path}: frames folder {frames_dir.name} not found")
+    int8_rel = data.get("unet_int8")
+    if int8_rel is None and (unet.parent / INT8_UNET_FILE).is_file():
+        int8_rel = str((unet.parent / INT8_UNET_FILE).relative_to(folder.resolve()))
+    unet_int8 = _inside(folder, int8_rel, "unet_int8") if int8_rel else None
+    cpu_precision = data.get("cpu_precision")
+    if cpu_precision is not None and cpu_precision not in CPU_PRECISIONS:
+        raise AvatarError(
+            f"{path}: cpu_precision must be one of {', '.join(CPU_PRECISIONS)}, "
+            f"got {str(cpu_precision)[:50]!r}"
+        )
     return AvatarManifest(
         name=str(name),
         folder=folder.resolve(),
@@ -165,6 +185,8 @@ def load_manifest(folder: Path | str) -> AvatarManifest:
         audio_encoder=audio_encoder,
         frames_dir=frames_dir,
         crop_rects=crop_rects,
+        unet_int8=unet_int8,
+        cpu_precision=cpu_precision,
     )
 
 

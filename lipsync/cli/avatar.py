@@ -1,11 +1,14 @@
-"""`lipsync-avatar`: convert SyncTalk_2D checkpoints and import SyncTalk_2D avatars.
+"""`lipsync-avatar`: convert SyncTalk_2D checkpoints, import SyncTalk_2D avatars, and
+make an avatar's int8 UNet for the CPU.
 
     lipsync-avatar convert --unet CKPT [--audio-encoder ENC] --out DIR [--no-verify]
     lipsync-avatar import-synctalk --dataset DIR --unet CKPT [--audio-encoder ENC] \\
         --name NAME --out AVATARS_DIR [--link-frames] [--overwrite] [--no-verify]
+    lipsync-avatar quantize AVATAR_DIR [--samples N] [--activation-type quint8|qint8] \\
+        [--reduce-range] [--keep-float first,last] [--audio-encoder ENC]
 
-Expected errors (bad checkpoints, datasets, names, missing torch) print one line to stderr
-and exit with status 2.
+Expected errors (bad checkpoints, datasets, names, missing torch, an int8 model that
+fails its check) print one line to stderr and exit with status 2.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ EXIT_ERROR = 2
 
 
 def _parser() -> argparse.ArgumentParser:
+    from lipsync.avatars.quantize.options import ACTIVATION_TYPES, CALIBRATIONS, QuantizeOptions
+
+    qd = QuantizeOptions()
     p = argparse.ArgumentParser(
         prog=PROG, description="Convert and import SyncTalk_2D avatars for lip-sync serving."
     )
@@ -94,6 +100,66 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument(
         "--no-verify", action="store_true", help="skip the ONNX Runtime vs PyTorch check"
     )
+
+    q = sub.add_parser(
+        "quantize",
+        help="make the avatar's int8 UNet for the CPU (unet.int8.onnx)",
+        description="Quantize the avatar's UNet to int8 (ONNX Runtime static quantization, "
+        "QDQ, per-channel weights), calibrated on the avatar's own face crops and "
+        "speech-like audio through the audio encoder; check it against float32 (mouth-"
+        "region PSNR) and write unet.int8.onnx, unet.int8.json (the calibration record) "
+        "and unet.int8.check.npz into the package if the check passes. Served when "
+        "inference.cpu_precision (or avatar.yaml cpu_precision) is int8.",
+    )
+    q.add_argument("avatar", type=Path, metavar="AVATAR_DIR", help="the avatar package folder")
+    q.add_argument("--samples", type=int, default=32, help="calibration frames (default 32)")
+    q.add_argument(
+        "--check-frames", type=int, default=8, help="frames of the check (default 8; 1-64)"
+    )
+    q.add_argument(
+        "--activation-type",
+        choices=ACTIVATION_TYPES,
+        default=qd.activation_type,
+        help=f"activations' int8 type (default {qd.activation_type})",
+    )
+    q.add_argument("--reduce-range", action="store_true", help="7-bit weights (CPUs without VNNI)")
+    q.add_argument(
+        "--calibration",
+        choices=CALIBRATIONS,
+        default=qd.calibration,
+        help=f"how activation ranges are calibrated (default {qd.calibration})",
+    )
+    q.add_argument(
+        "--op-types",
+        default="auto",
+        metavar="OPS",
+        help="operators to quantize, comma-separated, or 'all' (ONNX Runtime's set); "
+        "default auto: Conv,Relu,LeakyRelu,Resize,Concat, else without Concat if that "
+        "fails the check",
+    )
+    q.add_argument(
+        "--keep-float",
+        default="",
+        metavar="first,last",
+        help="convolutions to leave in float: first, last or both",
+    )
+    q.add_argument(
+        "--audio-encoder",
+        type=Path,
+        metavar="ENC",
+        help="audio_encoder.onnx, for an avatar without its own",
+    )
+    q.add_argument(
+        "--min-psnr",
+        type=float,
+        default=38.0,
+        help="mean PSNR bound, dB (38; the inference service checks again "
+        "against inference.int8_min_mean_psnr_db)",
+    )
+    q.add_argument(
+        "--min-worst-psnr", type=float, default=32.0, help="worst-frame PSNR bound, dB (32)"
+    )
+    q.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: all)")
     return p
 
 
@@ -146,13 +212,61 @@ def _import(args: argparse.Namespace) -> None:
     print(f"avatar {args.name!r} ready: {res.folder}")
 
 
+def _op_types(arg: str) -> tuple[str, ...] | None:
+    if arg == "auto":
+        return None
+    return () if arg == "all" else tuple(o for o in arg.split(",") if o)
+
+
+def _quantize(args: argparse.Namespace) -> None:
+    from lipsync.avatars.quantize.build import describe, quantize_avatar
+    from lipsync.avatars.quantize.check import QualityBounds
+    from lipsync.avatars.quantize.options import QuantizeError, QuantizeOptions
+
+    opts = QuantizeOptions(
+        samples=args.samples,
+        check_frames=args.check_frames,
+        activation_type=args.activation_type,
+        reduce_range=args.reduce_range,
+        keep_float=tuple(k for k in args.keep_float.split(",") if k),
+        calibration=args.calibration,
+        op_types=_op_types(args.op_types),
+        bounds=QualityBounds(args.min_psnr, args.min_worst_psnr),
+        audio_encoder=args.audio_encoder,
+        threads=args.threads,
+    )
+    print(f"quantizing the UNet of {args.avatar} ({opts.samples} calibration frames)")
+    report = quantize_avatar(args.avatar, opts)
+    print(describe(report))
+    mib = 2**20
+    if report.int8_path is None:
+        raise QuantizeError(
+            f"the int8 model failed its check, nothing written ({report.check.describe()}); "
+            "try --keep-float first,last, --activation-type qint8 or more --samples"
+        )
+    print(
+        f"wrote {report.int8_path} ({report.int8_bytes / mib:.2f} MiB; float "
+        f"{report.float_bytes / mib:.2f} MiB), unet.int8.json and unet.int8.check.npz"
+    )
+    print("served when inference.cpu_precision or avatar.yaml cpu_precision is int8")
+
+
 def _expected_errors() -> tuple[type[BaseException], ...]:
     from lipsync.avatars.convert import ConvertError
     from lipsync.avatars.nets.onnx_builder import StateDictError
     from lipsync.avatars.package import AvatarError, UnknownModelError
+    from lipsync.avatars.quantize.options import QuantizeError
     from lipsync.avatars.synctalk_import import DatasetError
 
-    return (ConvertError, DatasetError, AvatarError, UnknownModelError, StateDictError, OSError)
+    return (
+        ConvertError,
+        DatasetError,
+        AvatarError,
+        UnknownModelError,
+        StateDictError,
+        QuantizeError,
+        OSError,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -169,6 +283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "convert":
             _convert(args)
+        elif args.command == "quantize":
+            _quantize(args)
         else:
             _import(args)
     except expected as exc:
