@@ -147,15 +147,15 @@ class LipsyncVideoService(AIService):
         await self.push_frame(frame, direction)
 
     async def _pump(self, session: RealtimeAvatarSession) -> None:
-        size = (session.width, session.height)
         async for item in session.frames():
             if isinstance(item, AvatarError):
                 await self.push_error(f"lipsync avatar {self._model_id!r}: {item.message}")
                 continue
-            await self._push_avatar_frame(item, size)
+            await self._push_avatar_frame(item)
 
-    async def _push_avatar_frame(self, f: AvatarFrame, size: tuple[int, int]) -> None:
-        image = OutputImageRawFrame(image=f.rgb.tobytes(), size=size, format="RGB")
+    async def _push_avatar_frame(self, f: AvatarFrame) -> None:
+        height, width = f.rgb.shape[:2]
+        image = OutputImageRawFrame(image=f.rgb.tobytes(), size=(width, height), format="RGB")
         image.sync_with_audio = True
         image.metadata["lipsync"] = {
             "index": f.index,

@@ -50,7 +50,13 @@ from typing import Any
 import numpy as np
 
 from lipsync.client import LipsyncClient, LipsyncError, LiveStream, clip_frames
-from lipsync.core.audio import MIN_SAMPLES, SAMPLE_RATE, SAMPLES_PER_FRAME, to_int16
+from lipsync.core.audio import (
+    MIN_SAMPLES,
+    SAMPLE_RATE,
+    SAMPLES_PER_FRAME,
+    from_int16,
+    to_int16,
+)
 
 __all__ = [
     "AvatarError",
@@ -184,7 +190,8 @@ class SpeechLedger:
 
 
 class _Resampler:
-    """Mono s16 at any rate to 16 kHz int16, streaming (soxr HQ), one rate at a time."""
+    """Mono int16 at any rate to 16 kHz int16, streaming (soxr HQ in float32, then the one
+    int16 rule `to_int16`), one rate at a time."""
 
     def __init__(self) -> None:
         self._rate = SAMPLE_RATE
@@ -202,13 +209,13 @@ class _Resampler:
         if self._stream is None:
             import soxr
 
-            self._stream = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="int16", quality="HQ")
-        return np.asarray(self._stream.resample_chunk(x), dtype=np.int16)
+            self._stream = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
+        return to_int16(self._stream.resample_chunk(from_int16(x)))
 
     def flush(self) -> np.ndarray:
         if self._stream is None:
             return np.zeros(0, np.int16)
-        out = np.asarray(self._stream.resample_chunk(np.zeros(0, np.int16), last=True), np.int16)
+        out = to_int16(self._stream.resample_chunk(np.zeros(0, np.float32), last=True))
         self._stream = None
         return out
 
@@ -301,8 +308,9 @@ class RealtimeAvatarSession:
             known = ", ".join(sorted(m.model_id for m in models)) or "none"
             raise LipsyncError(f"unknown avatar {self.model_id!r} (known: {known})")
         self.fps = info.fps or 25
+        # The size is known once the service holds the avatar's frames; else from the
+        # first frame (start() waits for it).
         self.width, self.height = info.frame_width, info.frame_height
-        self._held_rgb = np.full((self.height, self.width, 3), 128, np.uint8)
         first = threading.Event()
         failed: list[LipsyncError] = []
         t = threading.Thread(
@@ -516,6 +524,9 @@ class RealtimeAvatarSession:
         """One StreamFrame from the service; False once the session is closed."""
         rgb = decode_jpeg_rgb(msg.jpeg)
         with self._lock:
+            if self._held_rgb is None:
+                self._held_rgb = rgb
+                self.height, self.width = rgb.shape[:2]
             if not self._remote:
                 if not self._ledger.empty:
                     return True  # the speech held here is shown here; switch between utterances
@@ -567,7 +578,7 @@ class RealtimeAvatarSession:
                     return
                 audio, ended = self._ledger.take(remote=False)
                 rgb = self._held_rgb
-                assert rgb is not None
+                assert rgb is not None  # set by the first frame, before any outage
                 frame = self._frame(
                     rgb,
                     audio,
