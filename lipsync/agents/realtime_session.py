@@ -485,13 +485,14 @@ class RealtimeAvatarSession:
                 with self._lock:
                     self._live = live
                 for msg in live:
+                    more = self._on_service_frame(msg)
                     if not got_frame:
                         got_frame = True
-                        first.set()
+                        first.set()  # after the first frame set the size
                         if reported:
                             log.info("avatar %s: the service is back", self.model_id)
                         reported, delay = False, self._reconnect[0]
-                    if not self._on_service_frame(msg):
+                    if not more:
                         break
                 else:
                     error = LipsyncError("the service ended the stream")
