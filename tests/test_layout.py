@@ -66,6 +66,17 @@ def test_the_core_imports_no_service_and_no_rpc() -> None:
     assert bad == []
 
 
+def test_the_agent_integrations_use_the_client_only() -> None:
+    """lipsync.agents talks to the services through lipsync.client, like any client, and
+    nothing else in the package imports the frameworks it adapts (docs/AGENTS.md)."""
+    assert offenders(files("lipsync/agents"), ("inference_service", "compositing_service")) == []
+    others = [p for p in files("lipsync") if "agents" not in p.relative_to(REPO).parts]
+    assert offenders(others, ("pipecat", "livekit")) == []
+    assert [
+        str(p) for p in others if any(n.startswith("lipsync.agents") for n in imports_of(p))
+    ] == []
+
+
 HEAVY = ("onnxruntime", "librosa", "cv2", "scipy", "numba", "yaml", "aiohttp", "onnx")
 
 CLIENT_SCRIPT = """

@@ -163,6 +163,7 @@ class LipsyncVideoService(AIService):
             "speech": f.speech,
             "held": f.held,
             "segment_end": f.segment_end,
+            "received_s": f.received_s,  # time.monotonic() it arrived from the service
         }
         if f.generated and self._awaiting_first_frame:
             self._awaiting_first_frame = False

@@ -82,7 +82,7 @@ class AvatarFrame:
     speech: bool  # its audio has sound in it (the service's flag; local frames: non-zero audio)
     held: bool = False  # made here while the service was unreachable (the last idle picture)
     segment_end: bool = False  # the last frame of an utterance (after `end_of_speech`)
-    received_s: float = 0.0  # time.monotonic() when it arrived or was made
+    received_s: float = 0.0  # time.monotonic() when it arrived (before decoding) or was made
     epoch: int = field(default=0, repr=False)  # interrupts before it (internal)
 
 
@@ -454,12 +454,14 @@ class RealtimeAvatarSession:
             return False
         return True
 
-    def _frame(self, rgb: np.ndarray, audio: bytes, **flags: Any) -> AvatarFrame:
+    def _frame(
+        self, rgb: np.ndarray, audio: bytes, received_s: float | None = None, **flags: Any
+    ) -> AvatarFrame:
         f = AvatarFrame(
             index=self._out_index,
             rgb=rgb,
             audio=audio,
-            received_s=time.monotonic(),
+            received_s=time.monotonic() if received_s is None else received_s,
             epoch=self._epoch,
             **flags,
         )
@@ -523,6 +525,7 @@ class RealtimeAvatarSession:
 
     def _on_service_frame(self, msg: Any) -> bool:
         """One StreamFrame from the service; False once the session is closed."""
+        arrived = time.monotonic()
         rgb = decode_jpeg_rgb(msg.jpeg)
         with self._lock:
             if self._held_rgb is None:
@@ -537,15 +540,17 @@ class RealtimeAvatarSession:
                 self._held_rgb = rgb
                 self._dropping = False
                 ended = self._ledger.idle_seen()
-                frame = self._frame(rgb, b"", generated=False, speech=False, segment_end=ended)
+                frame = self._frame(
+                    rgb, b"", arrived, generated=False, speech=False, segment_end=ended
+                )
             elif self._dropping:
                 held = self._held_rgb if self._held_rgb is not None else rgb
-                frame = self._frame(held, b"", generated=False, speech=False)
+                frame = self._frame(held, b"", arrived, generated=False, speech=False)
             else:
                 real, ended = self._ledger.take(remote=True)
                 audio = msg.audio[: len(real)] if real else b""
                 frame = self._frame(
-                    rgb, audio, generated=True, speech=bool(msg.speech), segment_end=ended
+                    rgb, audio, arrived, generated=True, speech=bool(msg.speech), segment_end=ended
                 )
             self.frames_from_service += 1
         return self._emit(frame)
