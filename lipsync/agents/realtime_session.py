@@ -108,6 +108,7 @@ class _Segment:
     audio: bytearray = field(default_factory=bytearray)  # s16le 16 kHz
     ended: bool = False
     padded: int = 0  # samples, once ended (what was sent, padding included)
+    frames: int = 0  # the frames the service makes of it, once ended
 
     @property
     def samples(self) -> int:
@@ -118,8 +119,9 @@ class SpeechLedger:
     """The speech pushed and not yet shown, by utterance, as 16 kHz s16le.
 
     The head segment is the one being shown; `take` moves along it one frame at a time:
-    `remote=True` for a frame the service made (640 samples of the clip it was sent,
-    padding included), `remote=False` for a frame made here (at most what has arrived).
+    `remote=True` for a frame the service made (640 samples of the clip it was sent; the
+    utterance ends with the clip's last frame), `remote=False` for a frame made here (at
+    most what has arrived; it ends with its last sample).
     Not thread-safe: the session holds its lock.
     """
 
@@ -127,6 +129,7 @@ class SpeechLedger:
         self.max_samples = max_samples
         self._segs: deque[_Segment] = deque()
         self._pos = 0  # samples of the head segment shown
+        self._shown = 0  # frames of the head segment shown
         self._held = 0  # samples held in all segments
 
     def add(self, pcm: bytes) -> None:
@@ -148,6 +151,7 @@ class SpeechLedger:
         seg = self._segs[-1]
         seg.ended = True
         seg.padded = padded_clip_length(seg.samples)
+        seg.frames = clip_frames(seg.padded)
         return seg.padded - seg.samples
 
     def take(self, remote: bool) -> tuple[bytes, bool]:
@@ -158,7 +162,8 @@ class SpeechLedger:
         step = SAMPLES_PER_FRAME if remote else min(SAMPLES_PER_FRAME, seg.samples - self._pos)
         audio = bytes(seg.audio[2 * self._pos : 2 * (self._pos + step)])
         self._pos += step
-        done = seg.ended and self._pos >= (seg.padded if remote else seg.samples)
+        self._shown += 1
+        done = seg.ended and (self._shown >= seg.frames if remote else self._pos >= seg.samples)
         if done:
             self._pop()
         return audio, done
@@ -173,12 +178,11 @@ class SpeechLedger:
 
     def clear(self) -> None:
         self._segs.clear()
-        self._pos = 0
-        self._held = 0
+        self._pos = self._shown = self._held = 0
 
     def _pop(self) -> None:
         self._held -= self._segs.popleft().samples
-        self._pos = 0
+        self._pos = self._shown = 0
 
     @property
     def empty(self) -> bool:
@@ -190,8 +194,8 @@ class SpeechLedger:
 
 
 class _Resampler:
-    """Mono int16 at any rate to 16 kHz int16, streaming (soxr HQ in float32, then the one
-    int16 rule `to_int16`), one rate at a time."""
+    """Mono float32 speech at any rate to 16 kHz int16: soxr's streaming resampler (HQ) in
+    float32, then the one int16 rule `to_int16`; one rate at a time."""
 
     def __init__(self) -> None:
         self._rate = SAMPLE_RATE
@@ -201,16 +205,15 @@ class _Resampler:
         if rate != self._rate:
             tail = self.flush()
             self._rate = rate
-            self._stream = None
             if tail.size:
                 return np.concatenate([tail, self(x, rate)])
         if rate == SAMPLE_RATE:
-            return x
+            return to_int16(x)
         if self._stream is None:
             import soxr
 
             self._stream = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
-        return to_int16(self._stream.resample_chunk(from_int16(x)))
+        return to_int16(self._stream.resample_chunk(x))
 
     def flush(self) -> np.ndarray:
         if self._stream is None:
@@ -302,9 +305,14 @@ class RealtimeAvatarSession:
         """Look the avatar up (its size and fps) and open the stream. Raises `LipsyncError`
         when the service cannot be reached or does not know the avatar."""
         self._loop = asyncio.get_running_loop()
-        models = await asyncio.to_thread(self._client.list_models)
+        try:
+            models = await asyncio.to_thread(self._client.list_models)
+        except LipsyncError:
+            await self.aclose()
+            raise
         info = next((m for m in models if m.model_id == self.model_id), None)
         if info is None:
+            await self.aclose()
             known = ", ".join(sorted(m.model_id for m in models)) or "none"
             raise LipsyncError(f"unknown avatar {self.model_id!r} (known: {known})")
         self.fps = info.fps or 25
@@ -350,14 +358,10 @@ class RealtimeAvatarSession:
         """Speech for the current utterance: s16le bytes or an int16/float array,
         interleaved when `num_channels` > 1, at any rate."""
         x = np.frombuffer(pcm, dtype="<i2") if isinstance(pcm, bytes | bytearray) else pcm
-        x = to_int16(np.asarray(x).reshape(-1))
-        if num_channels > 1:
-            x = to_int16(
-                x[: x.size - x.size % num_channels]
-                .reshape(-1, num_channels)
-                .mean(axis=1, dtype=np.float32)
-                / 32768.0
-            )
+        x = np.asarray(x).reshape(-1)
+        x = from_int16(x) if x.dtype == np.int16 else x.astype(np.float32, copy=False)
+        if num_channels > 1:  # the mean of the channels, in float (rounded once, at the end)
+            x = x[: x.size - x.size % num_channels].reshape(-1, num_channels).mean(axis=1)
         with self._lock:
             y = self._resample(x, int(sample_rate))
             self._add(y)
@@ -425,15 +429,16 @@ class RealtimeAvatarSession:
     # -- output --------------------------------------------------------------------------
     async def frames(self) -> AsyncIterator[AvatarFrame | AvatarError]:
         """Frames at the avatar's fps (and an `AvatarError` when the service fails), until
-        `aclose()`. Frames made before an interrupt arrive as idle frames."""
+        `aclose()`. Speech frames made before an interrupt arrive as idle frames (the last
+        idle picture, no audio)."""
         while True:
             item = await self._queue.get()
             if item is None:
                 return
             if isinstance(item, AvatarFrame):
                 self._slots.release()
-                if item.generated and item.epoch != self._epoch:
-                    item = self._as_idle(item)
+                if (item.generated or item.audio) and item.epoch != self._epoch:
+                    item = self._as_idle(item)  # speech from before an interrupt
             yield item
 
     def _as_idle(self, f: AvatarFrame) -> AvatarFrame:
