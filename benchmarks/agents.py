@@ -31,6 +31,7 @@ import datetime as dt
 import json
 import os
 import statistics
+import sys
 import threading
 import time
 from pathlib import Path
@@ -231,6 +232,10 @@ def decode_ms(address: str, model: str) -> tuple[float, tuple[int, int], np.ndar
     return (time.perf_counter() - t0) / 200 * 1000, (rgb.shape[1], rgb.shape[0]), rgb
 
 
+def progress(what: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {what}", file=sys.stderr, flush=True)
+
+
 def percentiles(xs: list[float]) -> dict:
     q = np.percentile(xs, [50, 95])
     return {"p50_ms": float(q[0]), "p95_ms": float(q[1]), "n": len(xs)}
@@ -252,14 +257,20 @@ def main(argv: list[str] | None = None) -> int:
         env=env, inference_port=free_port(), compositing_port=free_port(), quiet=True
     ) as services:
         address, n = services.address, args.utterances
+        progress("bare stream")
         bare(address, args.model, 1)  # warm up
         results["bare"] = summary(bare(address, args.model, n))
+        progress("session")
         lat, cpu = asyncio.run(session_path(address, args.model, n))
         results["session"] = summary(lat)
+        progress("pipecat")
         pipecat_first, pipecat_hops = asyncio.run(pipecat_path(address, args.model, n))
         results["pipecat"] = summary(pipecat_first)
+        progress("livekit")
         results["livekit"] = summary(asyncio.run(livekit_path(address, args.model, n)))
+        progress("decode")
         dec, size, rgb = decode_ms(address, args.model)
+        progress("stopping the services")
     lk_ms = livekit_frame_ms(rgb)
     hops = {
         "session": percentiles(cpu["hop_ms"]),
