@@ -284,6 +284,33 @@ def test_an_outage_mid_conversation_gives_held_frames_an_error_and_recovers(
     assert index == list(range(index[0], index[0] + len(index)))  # one timeline throughout
 
 
+def test_the_inference_service_stopping_mid_utterance_gives_an_error_and_the_whole_voice(
+    avatars_root, shared_encoder
+):
+    """The compositing service drops a realtime stream's speech when inference fails and
+    idles: the avatar reports it upstream and shows the rest of the utterance itself (held
+    picture, its audio), so the voice is heard whole; nothing hangs."""
+    svc = start_services(service_config(avatars_root, shared_encoder))
+    pcm = tts_audio(16000, 3.0, seed=13)
+
+    async def script(worker, sink, upstream):
+        await speak(worker, pcm, 16000)
+        await until(lambda: sink.generated() >= 5, "speech frames")
+        await asyncio.to_thread(svc.inference.stop, 0)  # type: ignore[attr-defined]
+        await until(lambda: upstream.errors, "the error frame")
+        await until(lambda: len(sink.audio()) >= len(pcm), "the whole utterance")
+
+    try:
+        sink, upstream = asyncio.run(run_pipeline(svc.address, script))
+    finally:
+        stop_services(svc)
+    assert len(upstream.errors) == 1 and "dropped" in upstream.errors[0].error
+    np.testing.assert_array_equal(sink.audio()[: len(pcm)], pcm)
+    assert any(f.metadata["lipsync"]["held"] for f in sink.images())
+    index = [f.metadata["lipsync"]["index"] for f in sink.images()]
+    assert index == list(range(index[0], index[0] + len(index)))
+
+
 def test_an_unreachable_service_at_start_passes_the_voice_through():
     from lipsync.ports import free_port
 
@@ -327,3 +354,46 @@ def test_the_pipecat_example_builds_its_pipeline_without_network():
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "pipeline ok" in out.stdout
+
+
+def test_the_pipecat_example_speaks_a_wav_through_the_avatar(services, tmp_path):
+    """The example's offline mode end to end: every sample of the WAV comes back, with
+    the frames that show it."""
+    import wave
+
+    pcm = tts_audio(22050, 1.0, seed=12)
+    wav = tmp_path / "speech.wav"
+    with wave.open(str(wav), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(22050)
+        w.writeframes(pcm.tobytes())
+    out_dir = tmp_path / "out"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "examples/pipecat_agent.py",
+            "--address",
+            services.address,
+            "--model",
+            "alice",
+            "--wav",
+            str(wav),
+            "--out",
+            str(out_dir),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    with wave.open(str(out_dir / "audio.wav")) as w:
+        assert w.getframerate() == 16000
+        got = np.frombuffer(w.readframes(w.getnframes()), np.int16)
+    import soxr
+
+    want = soxr.resample(pcm.astype(np.float64) / 32768, 22050, 16000, quality="HQ") * 32768
+    assert len(got) == len(want) and np.abs(got - want).max() <= 1.0
+    jpegs = sorted(out_dir.glob("*.jpg"))
+    assert len(jpegs) >= clip_frames(padded_clip_length(len(want)))  # and idle ones

@@ -67,14 +67,23 @@ def test_ledger_idle_ends_a_begun_utterance_and_bounds_what_it_holds():
     ledger = SpeechLedger(max_samples=2000)
     ledger.add(pcm(1500))
     ledger.end()
-    assert not ledger.idle_seen()  # not begun: the service has not placed it yet
+    assert ledger.idle_seen() == (False, 0)  # not begun: the service has not placed it yet
     ledger.take(remote=True)
-    assert ledger.idle_seen() and ledger.empty
+    assert ledger.idle_seen() == (True, 0) and ledger.empty  # a cut tail: over
     ledger.add(pcm(1500))
     with pytest.raises(OverflowError):
         ledger.add(pcm(600))
     ledger.clear()
     ledger.add(pcm(2000))  # room again
+
+
+def test_ledger_keeps_speech_the_service_dropped_for_local_frames():
+    ledger = SpeechLedger(max_samples=10**6)
+    ledger.add(pcm(640, 1) + pcm(4360, 2))
+    ledger.end()
+    ledger.take(remote=True)  # the service showed one frame, then idled
+    assert ledger.idle_seen() == (False, 4360)
+    assert ledger.take(remote=False) == (pcm(640, 2), False)  # the rest, shown here
 
 
 async def collect_utterance(session: RealtimeAvatarSession) -> list[AvatarFrame]:

@@ -27,7 +27,9 @@ what a conversation needs:
 - Outage: when the call fails (the service is unreachable, restarts, ends the stream) the
   session reports one `AvatarError`, goes on at the same pace with the last idle picture
   and the speech not yet shown (the voice goes on, the face idles), and reconnects with a
-  backoff; it switches back to the service between utterances.
+  backoff; it switches back to the service between utterances. The same when the service
+  drops an utterance it had begun to show (its inference calls failed or were too slow
+  for a realtime stream): an `AvatarError`, the rest of the speech shown here.
 - Bounds: at most `queue_frames` frames wait for the consumer (the service's pacer skips
   idle frames when it is behind), at most `max_buffered_s` of speech is held.
 
@@ -168,13 +170,22 @@ class SpeechLedger:
             self._pop()
         return audio, done
 
-    def idle_seen(self) -> bool:
-        """The service sent an idle frame: an ended utterance it had begun is over (its
-        clip may have been cut short by a pause). Returns whether one ended."""
-        if self._segs and self._segs[0].ended and self._pos > 0:
+    def idle_seen(self) -> tuple[bool, int]:
+        """The service sent an idle frame. Returns (ended, dropped): `ended` when an ended
+        utterance it had begun is over (a pause may have cut its clip a frame or two
+        short); `dropped`, the samples of a begun utterance it never showed, when more are
+        missing than a cut explains: the service dropped the speech (its inference failed
+        or was too slow), and the ledger keeps them to be shown here."""
+        if not self._segs or self._pos == 0:
+            return False, 0
+        seg = self._segs[0]
+        missing = seg.samples - self._pos
+        if missing > 2 * SAMPLES_PER_FRAME:
+            return False, missing
+        if seg.ended:
             self._pop()
-            return True
-        return False
+            return True, 0
+        return False, 0
 
     def clear(self) -> None:
         self._segs.clear()
@@ -541,10 +552,14 @@ class RealtimeAvatarSession:
                     return True  # the speech held here is shown here; switch between utterances
                 self._remote = True
                 self._local_gen += 1  # the local pacer stops
+            dropped = 0
             if not msg.generated:
                 self._held_rgb = rgb
                 self._dropping = False
-                ended = self._ledger.idle_seen()
+                ended, dropped = self._ledger.idle_seen()
+                if dropped:  # show the rest here; the service drops what it still holds
+                    self._remote = False
+                    self._send(lambda s: s.interrupt())
                 frame = self._frame(
                     rgb, b"", arrived, generated=False, speech=False, segment_end=ended
                 )
@@ -558,7 +573,17 @@ class RealtimeAvatarSession:
                     rgb, audio, arrived, generated=True, speech=bool(msg.speech), segment_end=ended
                 )
             self.frames_from_service += 1
-        return self._emit(frame)
+        more = self._emit(frame)
+        if dropped:
+            self.errors += 1
+            message = (
+                f"the service dropped {dropped / SAMPLE_RATE:.2f} s of speech (its inference "
+                "failed or was too slow); it is played with the idle picture"
+            )
+            log.warning("avatar %s: %s", self.model_id, message)
+            self._emit(AvatarError(message))
+            self._start_local()
+        return more
 
     # -- during an outage ----------------------------------------------------------------
     def _start_local(self) -> None:
