@@ -369,6 +369,10 @@ def test_the_pipecat_example_speaks_a_wav_through_the_avatar(services, tmp_path)
         w.setframerate(22050)
         w.writeframes(pcm.tobytes())
     out_dir = tmp_path / "out"
+    from lipsync.client import LipsyncClient
+
+    with LipsyncClient(services.address) as client:  # loaded, as a deployment preloads
+        client.load_model("alice")
     out = subprocess.run(
         [
             sys.executable,
