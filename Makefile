@@ -7,6 +7,9 @@ PIP := $(PY) -m pip
 # The inference extra with the GPU build of ONNX Runtime where an NVIDIA driver answers,
 # else the one with the CPU build (pyproject.toml lists the extras).
 ORT_EXTRA ?= $(shell nvidia-smi >/dev/null 2>&1 && echo inference-gpu || echo inference)
+# pipecat-ai without its dependencies: its pins exclude this project's protobuf (the
+# `pipecat` extra in pyproject.toml lists the rest of what it needs).
+PIPECAT := pipecat-ai>=1.14.0,<2
 PROTOS := $(wildcard shared_proto/*.proto)
 STUBS := $(PROTOS:.proto=_pb2.py) $(PROTOS:.proto=_pb2_grpc.py)
 
@@ -19,11 +22,13 @@ help:
 	@echo "make test   - lint and run the test suite"
 	@echo "make bench  - benchmark every stage and the end-to-end pipeline"
 
-# Everything, for development: the client (base), both services, the web page and tools.
+# Everything, for development: the client (base), both services, the web page, tools and
+# the voice-agent integrations (pipecat, LiveKit Agents).
 $(VENV)/.installed-$(ORT_EXTRA): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e ".[dev,render,whip,web,tools,compositing,tracing,$(ORT_EXTRA)]"
+	$(PIP) install -q -e ".[dev,render,whip,web,tools,compositing,tracing,pipecat,livekit,$(ORT_EXTRA)]"
+	$(PIP) install -q --no-deps "$(PIPECAT)"
 	rm -f $(VENV)/.installed-*
 	touch $@
 

@@ -68,6 +68,7 @@ ALLOWED: dict[str, set[str]] = {
     "lipsync.serving": BASE | {"lipsync.core", "lipsync.rpc", "lipsync.avatars"},
     "inference_service": SERVICE_DEPS,
     "compositing_service": SERVICE_DEPS,
+    "lipsync.agents": BASE | {"lipsync.core", "lipsync.rpc", "lipsync.client"},
     "lipsync.web": BASE | {"lipsync.core", "lipsync.rpc", "lipsync.serving", "lipsync.client"},
     "lipsync.local": BASE
     | {"lipsync.core", "lipsync.rpc", "lipsync.client", "lipsync.avatars", "lipsync.serving"},
@@ -135,6 +136,17 @@ def test_the_core_imports_no_service_and_no_rpc() -> None:
         if name.startswith("lipsync.") and not name.startswith("lipsync.core")
     ]
     assert bad == []
+
+
+def test_the_agent_integrations_use_the_client_only() -> None:
+    """lipsync.agents talks to the services through lipsync.client, like any client, and
+    nothing else in the package imports the frameworks it adapts (docs/AGENTS.md)."""
+    assert offenders(files("lipsync/agents"), ("inference_service", "compositing_service")) == []
+    others = [p for p in files("lipsync") if "agents" not in p.relative_to(REPO).parts]
+    assert offenders(others, ("pipecat", "livekit")) == []
+    assert [
+        str(p) for p in others if any(n.startswith("lipsync.agents") for n in imports_of(p))
+    ] == []
 
 
 HEAVY = ("onnxruntime", "librosa", "cv2", "scipy", "numba", "yaml", "aiohttp", "onnx", "av")

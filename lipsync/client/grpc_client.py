@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -382,6 +383,38 @@ class LipsyncClient:
             if control is not None:
                 control.close()
 
+    def open_stream(
+        self,
+        model_id: str,
+        *,
+        sample_rate: int = SAMPLE_RATE,
+        start_frame_idx: int = 0,
+        realtime: bool = True,
+        return_audio: bool = True,
+        pcm16: bool = True,
+        max_pending: int = 256,
+    ) -> LiveStream:
+        """Open a StreamComposite session driven by calls rather than by an iterator:
+        `send_audio`, `end_of_audio` and `interrupt` from any thread, frames by iterating
+        the returned `LiveStream` (see there). For conversations, where the audio and the
+        interruptions are not known in advance; `stream` is the simpler form when they
+        are."""
+        start = cpb.StreamStart(
+            model_id=model_id,
+            sample_rate=0 if sample_rate == SAMPLE_RATE else int(sample_rate),
+            start_frame_idx=start_frame_idx,
+            realtime=realtime,
+            return_audio=return_audio,
+            audio_encoding=cpb.PCM_S16LE if pcm16 else cpb.PCM_F32LE,
+        )
+        live = LiveStream(start, pcm16, max_pending)
+        try:
+            live._call = self._stub.StreamComposite(live._requests(), metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise self._error(exc, "StreamComposite") from None
+        live._error = lambda exc: self._error(exc, "StreamComposite")
+        return live
+
     def _stream_frames(
         self,
         model_id: str,
@@ -516,6 +549,86 @@ class StreamControl:
                 return
         if self._error is not None:
             raise self._error
+class LiveStream:
+    """One open StreamComposite session (`LipsyncClient.open_stream`).
+
+    `send_audio(samples)` queues a chunk (int16, or float32 in [-1, 1] with
+    `pcm16=False`; mono at the stream's rate), `end_of_audio()` ends the current clip,
+    `interrupt()` drops the speech the service has queued, `close()` ends the client's
+    side (the service sends what is made, then ends), `cancel()` ends the call at once.
+    Iterating yields the service's `StreamFrame`s; a failed call raises `LipsyncError`
+    (its `code` is the gRPC status). At most `max_pending` messages wait to be sent:
+    past that `send_audio` raises `LipsyncError` rather than hold unbounded audio for a
+    service that does not read it.
+    """
+
+    _CLOSE = object()
+
+    def __init__(self, start: cpb.StreamStart, pcm16: bool, max_pending: int):
+        self._start = start
+        self._pcm16 = pcm16
+        self._pending: queue.Queue[object] = queue.Queue(maxsize=max(2, max_pending))
+        self._closed = threading.Event()
+        self._call: object = None
+        self._error: Callable[[grpc.RpcError], LipsyncError] = lambda exc: LipsyncError(str(exc))
+
+    def _requests(self) -> Iterator[cpb.StreamRequest]:
+        yield cpb.StreamRequest(start=self._start)
+        while True:
+            msg = self._pending.get()
+            if msg is self._CLOSE:
+                return
+            yield msg  # type: ignore[misc]
+
+    def _put(self, msg: object) -> None:
+        if self._closed.is_set():
+            raise LipsyncError("the stream is closed")
+        try:
+            self._pending.put_nowait(msg)
+        except queue.Full:
+            raise LipsyncError(
+                f"{self._pending.maxsize} stream messages wait to be sent: the service is not "
+                "reading them"
+            ) from None
+
+    def send_audio(self, samples: np.ndarray) -> None:
+        """Queue one chunk of mono samples (any length) for the current clip."""
+        x = np.asarray(samples).reshape(-1)
+        if x.size == 0:
+            return
+        data = to_pcm16(x).astype("<i2", copy=False).tobytes() if self._pcm16 else _as_f32_bytes(x)
+        self._put(cpb.StreamRequest(audio=data))
+
+    def end_of_audio(self) -> None:
+        """The current clip is complete: the service makes its last frames now."""
+        self._put(cpb.StreamRequest(end_of_audio=True))
+
+    def interrupt(self) -> None:
+        """Drop the speech queued or being made; the stream goes on (idle frames)."""
+        self._put(cpb.StreamRequest(interrupt=True))
+
+    def close(self) -> None:
+        """End the client's side: no more audio; the service finishes and ends."""
+        if not self._closed.is_set():
+            self._closed.set()
+            with contextlib.suppress(queue.Full):
+                self._pending.put_nowait(self._CLOSE)
+
+    def cancel(self) -> None:
+        """End the call now, from any thread (a blocked iteration raises and returns)."""
+        self._closed.set()
+        with contextlib.suppress(queue.Full):
+            self._pending.put_nowait(self._CLOSE)
+        if self._call is not None:
+            self._call.cancel()  # type: ignore[attr-defined]
+
+    def __iter__(self) -> Iterator[cpb.StreamFrame]:
+        try:
+            yield from self._call  # type: ignore[misc]
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.CANCELLED and self._closed.is_set():  # type: ignore[attr-defined]
+                return
+            raise self._error(exc) from None
 
 
 def _as_f32_bytes(x: np.ndarray | bytes) -> bytes:
