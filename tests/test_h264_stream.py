@@ -8,7 +8,6 @@ a fifth of its bytes."""
 from __future__ import annotations
 
 import dataclasses
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 
 from compositing_service.video_encoder import EncoderError, H264Encoder, choose_encoder
-from lipsync.client import LipsyncClient, StreamControl, load_audio
+from lipsync.client import LipsyncClient, load_audio
 from lipsync.client.video_out import decode_access_units
 from lipsync.config import ConfigError, H264Config, from_dict
 from lipsync.core import audio, windows
@@ -122,26 +121,21 @@ def test_request_keyframe_gives_one_soon(h264_services):
     """A realtime stream of 4 s (keyframes every 60 s): after the first frames, ask for a
     keyframe; one comes (it can only be the requested one), then none until asked again."""
     clip = speech_like(4.0, seed=43)
-    control = StreamControl()
     got: list[cpb.StreamFrame] = []
     asked_at: list[int] = []
-    sent = threading.Event()
-
-    def chunks():
-        for i in range(0, len(clip), 1600):  # 100 ms chunks; after the first second,
-            if i >= 16000:  # the rest once the keyframe was asked for
-                sent.wait(10.0)
-            yield clip[i : i + 1600]
-
     with LipsyncClient(h264_services.address) as client:
-        for f in client.stream(
-            "even", chunks(), realtime=True, video_codec="h264", control=control
-        ):
+        live = client.open_stream("even", pcm16=False, return_audio=False, video_codec="h264")
+        for i in range(0, 16000, 1600):  # the first second in 100 ms chunks
+            live.send_audio(clip[i : i + 1600])
+        for f in live:
             got.append(f)
             if len(got) == 10:
                 asked_at.append(f.index)
-                control.request_keyframe()
-                sent.set()
+                live.request_keyframe()
+                for i in range(16000, len(clip), 1600):  # the rest once it was asked for
+                    live.send_audio(clip[i : i + 1600])
+                live.end_of_audio()
+                live.close()  # the service sends what it makes, then ends
     keys = [f.index for f in got if f.keyframe]
     assert keys[0] == got[0].index
     later = keys[1:]

@@ -50,6 +50,12 @@ MAX_MESSAGE_BYTES = 256 << 20  # the services' default limits.max_message_bytes
 VIDEO_CODECS = {"jpeg": cpb.VIDEO_CODEC_JPEG, "h264": cpb.VIDEO_CODEC_H264}
 
 
+def _video_codec(name: str) -> int:
+    if name not in VIDEO_CODECS:
+        raise ValueError(f"video_codec must be one of {', '.join(VIDEO_CODECS)}")
+    return VIDEO_CODECS[name]
+
+
 class LipsyncError(RuntimeError):
     """A request the service refused or could not answer.
 
@@ -344,18 +350,14 @@ class LipsyncClient:
         realtime: bool = False,
         return_audio: bool = False,
         video_codec: str = "jpeg",
-        control: StreamControl | None = None,
     ) -> Iterator[cpb.StreamFrame]:
         """A StreamComposite session: send audio chunks (float32 or int16 mono at
         `sample_rate`; all of one type), yield frames as they come. The clip ends when
         `chunks` is exhausted.
 
         `video_codec`: "jpeg" (each frame's `jpeg`, the default) or "h264" (each frame's
-        `h264` access unit and `keyframe` flag; docs/DELIVERY.md). `control`: a
-        `StreamControl` to ask for a keyframe (or interrupt) from another thread while
-        `chunks` is still being sent."""
-        if video_codec not in VIDEO_CODECS:
-            raise ValueError(f"video_codec must be one of {', '.join(VIDEO_CODECS)}")
+        `h264` access unit and `keyframe` flag; docs/DELIVERY.md). To send more than the
+        audio while it streams (a keyframe request, an interrupt), use `open_stream`."""
         first: list[np.ndarray] = []
         it = iter(chunks)
         head = next(it, None)
@@ -369,19 +371,13 @@ class LipsyncClient:
             realtime=realtime,
             return_audio=return_audio,
             audio_encoding=cpb.PCM_S16LE if s16 else cpb.PCM_F32LE,
-            video_codec=VIDEO_CODECS[video_codec],
+            video_codec=_video_codec(video_codec),
         )
-
         requests = clip_requests(start, [itertools.chain(first, it)])
-        if control is not None:  # its messages go between the audio's, after the start
-            requests = itertools.chain([next(requests)], control.merge(requests))
         try:
             yield from self._stub.StreamComposite(requests, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise self._error(exc, "StreamComposite") from None
-        finally:
-            if control is not None:
-                control.close()
 
     def open_stream(
         self,
@@ -393,12 +389,14 @@ class LipsyncClient:
         return_audio: bool = True,
         pcm16: bool = True,
         max_pending: int = 256,
+        video_codec: str = "jpeg",
     ) -> LiveStream:
         """Open a StreamComposite session driven by calls rather than by an iterator:
-        `send_audio`, `end_of_audio` and `interrupt` from any thread, frames by iterating
-        the returned `LiveStream` (see there). For conversations, where the audio and the
-        interruptions are not known in advance; `stream` is the simpler form when they
-        are."""
+        `send_audio`, `end_of_audio`, `interrupt` and `request_keyframe` from any thread,
+        frames by iterating the returned `LiveStream` (see there). For conversations and
+        live viewers, where the audio, the interruptions and the keyframe requests are not
+        known in advance; `stream` is the simpler form when they are. `video_codec` as for
+        `stream`."""
         start = cpb.StreamStart(
             model_id=model_id,
             sample_rate=0 if sample_rate == SAMPLE_RATE else int(sample_rate),
@@ -406,6 +404,7 @@ class LipsyncClient:
             realtime=realtime,
             return_audio=return_audio,
             audio_encoding=cpb.PCM_S16LE if pcm16 else cpb.PCM_F32LE,
+            video_codec=_video_codec(video_codec),
         )
         live = LiveStream(start, pcm16, max_pending)
         try:
@@ -485,70 +484,6 @@ def clip_requests(
         yield cpb.StreamRequest(end_of_audio=True)
 
 
-class StreamControl:
-    """Messages for a running `LipsyncClient.stream` besides its audio, from any thread:
-
-        control = StreamControl()
-        frames = client.stream("demo", chunks, video_codec="h264", control=control)
-        ...
-        control.request_keyframe()   # a viewer joined: the next frame sent is an IDR
-
-    They go out between audio chunks, as soon as they are asked for, for as long as the
-    request side is open (until the chunks are exhausted); later ones are dropped.
-    """
-
-    # audio messages read ahead of the gRPC sender: the server's flow control still
-    # holds back a client that sends faster than frames are made
-    READ_AHEAD = 4
-
-    def __init__(self) -> None:
-        self._queue: queue.Queue[cpb.StreamRequest | None] = queue.Queue()
-        self._room = threading.Semaphore(self.READ_AHEAD)
-        self._closed = threading.Event()
-        self._error: BaseException | None = None
-
-    def request_keyframe(self) -> None:
-        """Ask for a keyframe now (H.264 streams; ignored by JPEG streams)."""
-        self._send(cpb.StreamRequest(request_keyframe=True))
-
-    def interrupt(self) -> None:
-        """Drop the speech queued on the server: the avatar idles at the next frame."""
-        self._send(cpb.StreamRequest(interrupt=True))
-
-    def _send(self, msg: cpb.StreamRequest) -> None:
-        if not self._closed.is_set():
-            self._queue.put(msg)
-
-    def close(self) -> None:
-        self._closed.set()
-        self._queue.put(None)
-        self._room.release()  # a reader waiting for room returns
-
-    def merge(self, audio: Iterator[cpb.StreamRequest]) -> Iterator[cpb.StreamRequest]:
-        """`audio`'s messages (read by a thread of their own) and the control's, in the
-        order they come; ends after the audio's last message."""
-
-        def read() -> None:
-            try:
-                for msg in audio:
-                    self._room.acquire()
-                    if self._closed.is_set():
-                        return
-                    self._queue.put(msg)
-            except BaseException as exc:  # the caller's chunks failed: raised to gRPC below
-                self._error = exc
-            finally:
-                self._queue.put(None)
-
-        threading.Thread(target=read, name="lipsync-stream-audio", daemon=True).start()
-        while (msg := self._queue.get()) is not None:
-            if msg.WhichOneof("msg") in ("audio", "end_of_audio"):
-                self._room.release()
-            yield msg
-            if msg.WhichOneof("msg") == "end_of_audio":
-                return
-        if self._error is not None:
-            raise self._error
 class LiveStream:
     """One open StreamComposite session (`LipsyncClient.open_stream`).
 
@@ -606,6 +541,11 @@ class LiveStream:
     def interrupt(self) -> None:
         """Drop the speech queued or being made; the stream goes on (idle frames)."""
         self._put(cpb.StreamRequest(interrupt=True))
+
+    def request_keyframe(self) -> None:
+        """Make the next frame sent a keyframe (H.264 streams: a viewer joined or lost
+        packets; JPEG streams ignore it)."""
+        self._put(cpb.StreamRequest(request_keyframe=True))
 
     def close(self) -> None:
         """End the client's side: no more audio; the service finishes and ends."""
