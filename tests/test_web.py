@@ -25,7 +25,9 @@ from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient, TestServer
 
 from lipsync.core import audio, windows
-from lipsync.web.gateway import create_app, parse_args, unpack_frame
+from lipsync.web.app import create_app
+from lipsync.web.cli import parse_args
+from lipsync.web.ws_protocol import unpack_frame
 from tests.avatar_factory import speech_like
 from tests.oracle import decode_jpeg
 

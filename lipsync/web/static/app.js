@@ -1,5 +1,5 @@
 // Lip-sync live page: microphone or an audio file in, avatar video with its sound out.
-// Protocol: see lipsync/web/gateway.py. Plain JS, no build step, no external resources.
+// Protocols: docs/DELIVERY.md. Plain JS, no build step, no external resources.
 //
 // Playout: the first frame of a session anchors a playout clock (its pts is shown
 // `buffer` ms after it arrived); every later frame is shown at anchor + (pts - pts0) and its

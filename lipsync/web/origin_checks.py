@@ -1,5 +1,5 @@
-"""The gateway's checks of who may open a WebSocket and which key a browser sent
-(docs/SECURITY.md)."""
+"""The gateway's checks of which page may open a session (its Origin) and which key a
+browser sent (docs/SECURITY.md)."""
 
 from __future__ import annotations
 
