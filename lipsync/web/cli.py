@@ -30,8 +30,9 @@ def parse_args(
     ap = argparse.ArgumentParser(
         prog="python -m lipsync.web",
         parents=[pre],
-        description="Serve the lip-sync web page and its WebSocket gateway. Defaults come "
-        "from the config's `web` section (LIPSYNC_WEB__PORT, COMPOSITING_ADDRESS, ...).",
+        description="Serve the lip-sync web page and its gateway (WebRTC, WebSocket). "
+        "Defaults come from the config's `web` section (LIPSYNC_WEB__PORT, "
+        "COMPOSITING_ADDRESS, ...).",
     )
     ap.add_argument("--port", type=int, default=cfg.port, help="HTTP port (default %(default)s)")
     ap.add_argument(
@@ -62,7 +63,24 @@ def parse_args(
         default=cfg.max_sessions,
         help="concurrent WebSocket sessions (default %(default)s)",
     )
+    ap.add_argument(
+        "--webrtc-max-sessions",
+        type=int,
+        default=cfg.webrtc_max_sessions,
+        help="concurrent WebRTC viewers (default %(default)s)",
+    )
+    ap.add_argument(
+        "--ice-server",
+        dest="ice_servers",
+        action="append",
+        default=None,
+        help="a STUN/TURN URL for WebRTC (stun:host:port, turn:host:port); repeatable "
+        "(default: web.ice_servers; TURN credentials: web.ice_username / ice_credential)",
+    )
     args = ap.parse_args(argv)
+    if args.ice_servers is None:
+        args.ice_servers = list(cfg.ice_servers)
+    args.ice_username, args.ice_credential = cfg.ice_username, cfg.ice_credential
     if args.allowed_origins is None:
         args.allowed_origins = list(cfg.allowed_origins)
     args.log_level, args.log_format = full.log_level, full.log_format  # lipsync.logs
@@ -87,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
             credentials=channel_credentials(args.ca, args.cert, args.key),
             allowed_origins=args.allowed_origins,
             max_sessions=args.max_sessions,
+            webrtc_max_sessions=args.webrtc_max_sessions,
+            ice_servers=args.ice_servers,
+            ice_username=args.ice_username,
+            ice_credential=args.ice_credential,
         ),
         host=args.host,
         port=args.port,
