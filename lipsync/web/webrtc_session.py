@@ -10,6 +10,7 @@ page's controls (interrupt, end_of_audio, ping) and, per frame sent, its metadat
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -20,6 +21,7 @@ from typing import Any
 
 import av
 import grpc
+import numpy as np
 from aiortc import (
     RTCConfiguration,
     RTCIceServer,
@@ -49,6 +51,53 @@ MIC_RATE = 48000  # aiortc's Opus decoder's rate: the rate StreamStart announces
 # silence included), even if ICE has not noticed yet.
 PEER_SILENT_S = 5.0
 START_TIMEOUT_S = 30.0
+# The page's track never stops (a browser sends silence too): audio below this level
+# (RMS, -50 dBFS: the service's own `speech` threshold) for HANGOVER_S ends the clip
+# (end_of_audio) and is not sent on, so a quiet viewer costs the idle frames only; the
+# next sound opens a new clip with PREROLL_S of what came before it.
+SILENCE_RMS = 10 ** (-50 / 20)
+HANGOVER_S = 0.5
+PREROLL_S = 0.2
+
+
+class SilenceGate:
+    """Which of the page's audio goes up: `push(chunk)` returns the chunks to send (float32
+    mono at `rate`) and whether the clip ended before them (silence after sound)."""
+
+    def __init__(self, rate: int = MIC_RATE):
+        self.rate = rate
+        self.open = False
+        self.quiet = 0  # samples of silence since the last sound (while open)
+        self.held: collections.deque[np.ndarray] = collections.deque()  # the pre-roll
+        self.held_samples = 0
+
+    def push(self, chunk: np.ndarray) -> tuple[list[np.ndarray], bool]:
+        loud = bool(len(chunk)) and float(np.sqrt(np.mean(chunk * chunk))) >= SILENCE_RMS
+        if self.open:
+            if loud:
+                self.quiet = 0
+                return [chunk], False
+            self.quiet += len(chunk)
+            if self.quiet <= HANGOVER_S * self.rate:
+                return [chunk], False
+            self.open = False
+            self._hold(chunk)
+            return [], True
+        if loud:
+            self.open = True
+            self.quiet = 0
+            out = [*self.held, chunk]
+            self.held.clear()
+            self.held_samples = 0
+            return out, False
+        self._hold(chunk)
+        return [], False
+
+    def _hold(self, chunk: np.ndarray) -> None:
+        self.held.append(chunk)
+        self.held_samples += len(chunk)
+        while self.held and self.held_samples - len(self.held[0]) >= PREROLL_S * self.rate:
+            self.held_samples -= len(self.held.popleft())
 
 
 class OfferError(Exception):
@@ -164,6 +213,7 @@ class WebRtcSession:
         self.tasks: set[asyncio.Task] = set()
         self.closed = asyncio.Event()
         self._closing = False
+        self._input_done = False  # the page said stop: no more audio goes up
         self._writes: asyncio.Queue[cpb.StreamRequest | None] = asyncio.Queue(maxsize=256)
         self.frames = 0
         self.audio_chunks = 0
@@ -254,9 +304,11 @@ class WebRtcSession:
         task.add_done_callback(self.tasks.discard)
 
     # -- up: microphone and controls --------------------------------------------------------
-    def _send_request(self, req: cpb.StreamRequest) -> None:
-        if self._closing:
+    def _send_request(self, req: cpb.StreamRequest | None) -> None:
+        if self._closing or self._input_done:
             return
+        if req is None:  # stop: the writer half-closes the stream after what is queued
+            self._input_done = True
         try:
             self._writes.put_nowait(req)
         except asyncio.QueueFull:
@@ -277,12 +329,17 @@ class WebRtcSession:
 
     async def _forward_mic(self, track: MediaStreamTrack) -> None:
         resampler = av.AudioResampler(format="flt", layout="mono", rate=MIC_RATE)
+        gate = SilenceGate(MIC_RATE)
         try:
             while True:
                 frame = await asyncio.wait_for(track.recv(), PEER_SILENT_S)
                 for f in resampler.resample(frame):
-                    self.audio_chunks += 1
-                    self._send_request(cpb.StreamRequest(audio=f.to_ndarray().tobytes()))
+                    chunks, ended = gate.push(f.to_ndarray().reshape(-1).astype("<f4"))
+                    if ended:
+                        self._send_request(cpb.StreamRequest(end_of_audio=True))
+                    for c in chunks:
+                        self.audio_chunks += 1
+                        self._send_request(cpb.StreamRequest(audio=c.tobytes()))
         except (MediaStreamError, TimeoutError):
             log.info("webrtc %s: the page's audio ended", self.offer.model_id)
         await self.close()
@@ -297,6 +354,9 @@ class WebRtcSession:
             self._send_request(cpb.StreamRequest(interrupt=True))
         elif kind == "end_of_audio":
             self._send_request(cpb.StreamRequest(end_of_audio=True))
+        elif kind == "stop":  # the clip is complete; the rest of it plays, then `end`
+            self._send_request(cpb.StreamRequest(end_of_audio=True))
+            self._send_request(None)
         elif kind == "ping":
             self._send_channel({"type": "pong", "t": obj.get("t"), "server_ms": wall_ms()})
         else:
