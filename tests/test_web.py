@@ -406,7 +406,7 @@ def test_page_in_headless_chromium_with_a_fake_microphone(services, tmp_path):
     sf.write(wav, speech, sr, subtype="PCM_16")
     profile = tmp_path / "profile"
     gateway = BackgroundGateway(services.address)
-    url = f"http://127.0.0.1:{gateway.port}/?model=alice"
+    url = f"http://127.0.0.1:{gateway.port}/?model=alice&transport=ws"  # the fallback
     log = (tmp_path / "chromium.log").open("wb")
     proc = subprocess.Popen(
         [

@@ -197,8 +197,11 @@ def test_a_python_viewer_gets_h264_video_opus_sound_and_metadata(services):
     rms = float(np.sqrt(np.mean(audio**2)))
     assert rms > 0.02
     # the session encoded (this service sends JPEG) or passed through every frame it sent
-    assert session.video.frames_sent == len(meta)
-    assert session.video.fallback_frames + session.video.passthrough_frames == len(meta)
+    # (the viewer left while the last frame or two were on their way)
+    sent = session.video.frames_sent
+    assert len(meta) <= sent <= len(meta) + 2, (sent, len(meta))
+    made = session.video.fallback_frames + session.video.passthrough_frames
+    assert sent <= made <= sent + 1  # one may have been made as the viewer left
 
 
 # -- the media pieces ----------------------------------------------------------------------

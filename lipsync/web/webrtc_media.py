@@ -9,6 +9,7 @@ import asyncio
 import collections
 import fractions
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +32,39 @@ QUEUE_FRAMES = 8
 # The H.264 offered and sent: constrained baseline, level 3.1 (720p at 25 fps fits),
 # non-interleaved packetization (FU-A / STAP-A).
 H264_PROFILE_LEVEL_ID = "42e01f"
+
+
+# Both tracks hand a frame's media to aiortc at (first arrival + this margin + its pts),
+# not as soon as it is ready: aiortc's RTCP sender reports map RTP time to the wall clock
+# of the last packet sent, and the browser lines audio up with video by those maps, so
+# sound and picture of one pts must leave together (the margin absorbs the fallback
+# encoder's time; a passed-through frame needs none of it).
+PACING_MARGIN_S = 0.03
+REBASE_LATE_S = 0.1  # a frame this late (the service stalled) moves the schedule
+
+
+class PtsClock:
+    """The send schedule both tracks of one viewer share: pts -> monotonic time."""
+
+    def __init__(self, margin_s: float = PACING_MARGIN_S):
+        self.margin_s = margin_s
+        self.base: float | None = None  # monotonic time of pts 0
+        self.rebases = 0
+
+    def arrived(self, pts_ms: float) -> None:
+        now = time.monotonic()
+        if self.base is None:
+            self.base = now + self.margin_s - pts_ms / 1000
+        elif now - (self.base + pts_ms / 1000) > REBASE_LATE_S:
+            self.base = now + self.margin_s - pts_ms / 1000
+            self.rebases += 1
+
+    async def wait(self, pts_ms: float) -> None:
+        if self.base is None:
+            return
+        delay = self.base + pts_ms / 1000 - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
 
 
 def is_idr(annexb: bytes) -> bool:
@@ -112,8 +146,10 @@ class AvatarVideoTrack(MediaStreamTrack):
         request_keyframe: Callable[[], None],
         on_sent: Callable[[cpb.StreamFrame], None] | None = None,
         fps: float = 25.0,
+        clock: PtsClock | None = None,
     ):
         super().__init__()
+        self.clock = clock or PtsClock()
         self._request_keyframe = request_keyframe
         self._on_sent = on_sent
         self._queue: collections.deque[cpb.StreamFrame] = collections.deque()
@@ -160,6 +196,7 @@ class AvatarVideoTrack(MediaStreamTrack):
             data = await self._encoded(frame)
             if data is None:
                 continue
+            await self.clock.wait(frame.pts_ms)
             packet = av.Packet(data)
             packet.pts = round(frame.pts_ms * VIDEO_CLOCK / 1000)
             packet.time_base = VIDEO_TIME_BASE
@@ -207,8 +244,9 @@ class AvatarAudioTrack(MediaStreamTrack):
 
     kind = "audio"
 
-    def __init__(self) -> None:
+    def __init__(self, clock: PtsClock | None = None) -> None:
         super().__init__()
+        self.clock = clock or PtsClock()
         self._queue: collections.deque[tuple[int, bytes]] = collections.deque()
         self._ready = asyncio.Event()
         self._pending: collections.deque[av.AudioFrame] = collections.deque()
@@ -266,4 +304,6 @@ class AvatarAudioTrack(MediaStreamTrack):
             if self.readyState != "live":
                 raise MediaStreamError
             self._packets(*self._queue.popleft())
-        return self._pending.popleft()
+        frame = self._pending.popleft()
+        await self.clock.wait(frame.pts * 1000 / AUDIO_RATE)
+        return frame

@@ -39,6 +39,7 @@ from lipsync.web.webrtc_media import (
     H264_PROFILE_LEVEL_ID,
     AvatarAudioTrack,
     AvatarVideoTrack,
+    PtsClock,
 )
 from lipsync.web.ws_protocol import wall_ms
 
@@ -208,8 +209,9 @@ class WebRtcSession:
         self.pc: RTCPeerConnection | None = None
         self.call: Any = None
         self.channel: Any = None
-        self.video = AvatarVideoTrack(self._request_keyframe, self._frame_sent, fps)
-        self.audio = AvatarAudioTrack()
+        self.clock = PtsClock()  # one send schedule for both tracks (lip sync)
+        self.video = AvatarVideoTrack(self._request_keyframe, self._frame_sent, fps, self.clock)
+        self.audio = AvatarAudioTrack(self.clock)
         self.tasks: set[asyncio.Task] = set()
         self.closed = asyncio.Event()
         self._closing = False
@@ -397,6 +399,7 @@ class WebRtcSession:
                 if frame is grpc.aio.EOF:
                     break
                 self.frames += 1
+                self.clock.arrived(frame.pts_ms)
                 self.video.put(frame)
                 self.audio.put(frame, self.fps)
         except grpc.aio.AioRpcError as exc:
