@@ -74,12 +74,18 @@ class Viewer:
     meta: list[dict[str, Any]] = field(default_factory=list)
     answer: str = ""
     tasks: list[asyncio.Task] = field(default_factory=list)
+    # RTP timestamp -> wall clock when its last packet arrived (video: the marker packet,
+    # i.e. the frame complete; audio: the packet), before aiortc's jitter buffers
+    video_complete: dict[int, float] = field(default_factory=dict)
+    audio_arrived: dict[int, float] = field(default_factory=dict)
 
     async def connect(self, http: aiohttp.ClientSession) -> None:
         pc = self.pc = RTCPeerConnection()
         self.mic = SignalTrack(self.signal)
-        pc.addTransceiver(self.mic, direction="sendrecv")
-        pc.addTransceiver("video", direction="recvonly")
+        audio = pc.addTransceiver(self.mic, direction="sendrecv")
+        video = pc.addTransceiver("video", direction="recvonly")
+        self._note_arrivals(audio.receiver, self.audio_arrived, marker_only=False)
+        self._note_arrivals(video.receiver, self.video_complete, marker_only=True)
         self.channel = pc.createDataChannel("control")
 
         @self.channel.on("message")
@@ -103,6 +109,20 @@ class Viewer:
                 raise RuntimeError(f"offer refused: {resp.status} {obj}")
         self.answer = obj["sdp"]
         await pc.setRemoteDescription(RTCSessionDescription(sdp=obj["sdp"], type=obj["type"]))
+
+    @staticmethod
+    def _note_arrivals(receiver: Any, into: dict[int, float], marker_only: bool) -> None:
+        """Measurement only: when packets arrive, seen by wrapping aiortc's receiver's
+        packet handler (aiortc's video jitter buffer releases a frame only when the next
+        frame's first packet arrives, 40 ms later; a browser decodes on the marker)."""
+        handle = receiver._handle_rtp_packet
+
+        async def noted(packet: Any, arrival_time_ms: int) -> None:
+            if packet.marker or not marker_only:
+                into[packet.timestamp] = time.time()
+            await handle(packet, arrival_time_ms)
+
+        receiver._handle_rtp_packet = noted
 
     async def _read(self, track: MediaStreamTrack) -> None:
         try:
@@ -129,6 +149,15 @@ class Viewer:
         for t in self.tasks:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    def complete_time(self, pts: int) -> float | None:
+        """When the decoded frame with this pts was complete at the viewer (its marker
+        packet arrived). aiortc's receiver numbers decoded frames from the first RTP
+        timestamp it saw, so that one is the base."""
+        if not self.video_complete:
+            return None
+        base = next(iter(self.video_complete))  # dicts keep the arrival order
+        return self.video_complete.get((pts + base) % (1 << 32))
 
     def frames_meta(self) -> list[dict[str, Any]]:
         return [m for m in self.meta if m.get("type") == "frame"]

@@ -174,6 +174,7 @@ def test_a_python_viewer_gets_h264_video_opus_sound_and_metadata(services):
 
     v, session, streams_open = run(body())
     assert streams_open == 1
+    assert session.mic_prefetch_cut  # the microphone's audio is not held 80 ms
     assert "H264/90000" in v.answer and "profile-level-id=42e01f" in v.answer
     assert "packetization-mode=1" in v.answer
     meta = v.frames_meta()

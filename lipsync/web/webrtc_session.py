@@ -216,6 +216,7 @@ class WebRtcSession:
         self.closed = asyncio.Event()
         self._closing = False
         self._input_done = False  # the page said stop: no more audio goes up
+        self.mic_prefetch_cut = False
         self._writes: asyncio.Queue[cpb.StreamRequest | None] = asyncio.Queue(maxsize=256)
         self.frames = 0
         self.audio_chunks = 0
@@ -261,7 +262,8 @@ class WebRtcSession:
         ]
         rtx = [c for c in RTCRtpSender.getCapabilities("video").codecs if c.name == "rtx"]
         video.setCodecPreferences(h264 + rtx)
-        pc.addTransceiver(self.audio, direction="sendrecv")
+        mic = pc.addTransceiver(self.audio, direction="sendrecv")
+        self.mic_prefetch_cut = no_audio_prefetch(mic.receiver)
         # A viewer's PLI / FIR: aiortc would force its own encoder's next frame to be a
         # keyframe; the video is passed through, so the service is asked for one.
         video.sender._send_keyframe = self.video.keyframe_wanted
@@ -448,6 +450,18 @@ class WebRtcSession:
             self.closed.set()
             if self.on_closed is not None:
                 self.on_closed(self)
+
+
+def no_audio_prefetch(receiver: Any) -> bool:
+    """aiortc's audio receiver holds 4 packets (80 ms) beyond the first it could decode
+    before passing audio on; that buys nothing against loss (a missing packet stops the
+    buffer either way) and delays every clip. Returns whether the buffer was found (an
+    aiortc whose receiver differs keeps its own behaviour; tests/test_webrtc.py notices)."""
+    buffer = getattr(receiver, "_RTCRtpReceiver__jitter_buffer", None)
+    if buffer is None or not hasattr(buffer, "_prefetch"):
+        return False
+    buffer._prefetch = 0
+    return True
 
 
 def _refusal(exc: grpc.aio.AioRpcError) -> OfferError:
