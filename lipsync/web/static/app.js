@@ -42,7 +42,7 @@
   const stats = {
     state: 'idle', model: null, source: null, clock: null, error: null, transport: null,
     audioBytesReceived: 0, videoFramesDecoded: 0, avOffsetMs: null, videoCodec: null,
-    recentGenerated: null,
+    recentGenerated: null, avOffsetMedianMs: null,
     modelsLoaded: false, models: [],
     framesReceived: 0, framesShown: 0, generatedFrames: 0, idleFrames: 0, speechFrames: 0,
     lateFrames: 0, skippedFrames: 0, reanchors: 0, catchUpDrops: 0,
@@ -72,6 +72,7 @@
   const hops = [];
   const rtts = [];
   const recentGenerated = []; // WebRTC: generated flags of the last 5 frames sent
+  const avOffsets = []; // WebRTC: video - audio estimated playout (sender clock), ms
 
   // -- helpers ----------------------------------------------------------------------------
   const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -390,6 +391,9 @@
     // reports) of what plays now: their difference is the offset the viewer sees.
     if (audio && video && audio.estimatedPlayoutTimestamp && video.estimatedPlayoutTimestamp) {
       stats.avOffsetMs = video.estimatedPlayoutTimestamp - audio.estimatedPlayoutTimestamp;
+      avOffsets.push(stats.avOffsetMs);
+      if (avOffsets.length > 30) avOffsets.shift();
+      stats.avOffsetMedianMs = median(avOffsets);
     }
   }
 
