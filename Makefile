@@ -53,6 +53,7 @@ bench: setup
 	$(PIP) install -q -e ".[convert]"
 	$(PY) -m benchmarks.run
 	$(PY) -m benchmarks.stream_latency
+	$(PY) -m benchmarks.webrtc
 
 clean:
 	rm -rf $(VENV) out shared_proto/*_pb2*.py shared_proto/*_pb2*.pyi

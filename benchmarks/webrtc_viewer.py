@@ -27,9 +27,10 @@ class SignalTrack(MediaStreamTrack):
 
     kind = "audio"
 
-    def __init__(self, signal: np.ndarray):
+    def __init__(self, signal: np.ndarray, stall_after_s: float | None = None):
         super().__init__()
         self.signal = np.clip(signal, -1, 1)
+        self.stall_after = None if stall_after_s is None else int(stall_after_s * RATE)
         self.sample = 0
         self.t0: float | None = None
         self.emitted: list[float] = []
@@ -39,6 +40,8 @@ class SignalTrack(MediaStreamTrack):
             raise MediaStreamError
         if self.t0 is None:
             self.t0 = time.monotonic()
+        if self.stall_after is not None and self.sample >= self.stall_after:
+            await asyncio.Event().wait()  # a page whose audio stopped, connection open
         due = self.t0 + self.sample / RATE
         wait = due - time.monotonic()
         if wait > 0:
@@ -65,6 +68,7 @@ class Viewer:
     signal: np.ndarray
     key: str | None = None
     keep_frames: bool = True
+    stall_after_s: float | None = None  # the microphone stops sending then
     pc: RTCPeerConnection | None = None
     mic: SignalTrack | None = None
     channel: Any = None
@@ -81,7 +85,7 @@ class Viewer:
 
     async def connect(self, http: aiohttp.ClientSession) -> None:
         pc = self.pc = RTCPeerConnection()
-        self.mic = SignalTrack(self.signal)
+        self.mic = SignalTrack(self.signal, self.stall_after_s)
         audio = pc.addTransceiver(self.mic, direction="sendrecv")
         video = pc.addTransceiver("video", direction="recvonly")
         self._note_arrivals(audio.receiver, self.audio_arrived, marker_only=False)

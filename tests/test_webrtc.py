@@ -205,6 +205,26 @@ def test_a_python_viewer_gets_h264_video_opus_sound_and_metadata(services):
     assert sent <= made <= sent + 1  # one may have been made as the viewer left
 
 
+def test_a_viewer_whose_audio_stops_is_closed_by_the_gateway(services):
+    """A page always sends its audio track (silence too): none for PEER_SILENT_S means the
+    page is gone even while ICE still answers; the session and its stream are freed."""
+    servicer = services.compositing.servicer
+
+    async def body():
+        app = create_app(services.address)
+        async with TestClient(TestServer(app)) as client:
+            base = str(client.make_url("")).rstrip("/")
+            v = Viewer(base, "bob", np.zeros(RATE * 30, np.float32), stall_after_s=1.0)
+            async with aiohttp.ClientSession() as http:
+                await v.connect(http)
+                await wait_until(lambda: len(v.video) >= 10, 30, "frames")
+                await wait_until(lambda: not app[PEERS], 30, "the gateway to close it")
+                await wait_until(lambda: not servicer._streams, 20, "the stream to end")
+                await v.close()
+
+    run(body())
+
+
 # -- the media pieces ----------------------------------------------------------------------
 def _frame(index: int, **kw: Any) -> cpb.StreamFrame:
     return cpb.StreamFrame(index=index, pts_ms=40.0 * index, **kw)

@@ -90,6 +90,8 @@ def parse_args(
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.log_level, args.log_format, "web")
+    # aioice logs every ICE candidate pair's state at INFO: a dozen lines per viewer
+    logging.getLogger("aioice").setLevel(max(logging.WARNING, logging.getLogger().level))
     ssl_ctx = None
     if args.certfile:
         ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

@@ -283,7 +283,7 @@ class WebRtcSession:
         @pc.on("connectionstatechange")
         def on_state() -> None:
             if pc.connectionState in ("failed", "closed"):
-                self._spawn(self.close())
+                self._request_close()
 
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=self.offer.sdp, type="offer"))
@@ -300,7 +300,14 @@ class WebRtcSession:
         await asyncio.sleep(START_TIMEOUT_S)
         if self.pc is not None and self.pc.connectionState != "connected":
             log.info("webrtc %s: not connected after %.0f s", self.offer.model_id, START_TIMEOUT_S)
-            await self.close()
+            self._request_close()
+
+    def _request_close(self) -> None:
+        """Close from one of the session's own tasks: in a task of its own, which close()
+        does not wait for (a task awaiting close() while close() cancels and awaits it
+        would deadlock; asyncio.wait_for can swallow that cancellation)."""
+        if not self._closing:
+            self._spawn(self.close())
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -317,7 +324,7 @@ class WebRtcSession:
             self._writes.put_nowait(req)
         except asyncio.QueueFull:
             log.warning("webrtc %s: stream writes backed up; closing", self.offer.model_id)
-            self._spawn(self.close())
+            self._request_close()
 
     async def _writer(self) -> None:
         """The only writer of the gRPC stream (audio, controls, keyframe requests)."""
@@ -346,7 +353,7 @@ class WebRtcSession:
                         self._send_request(cpb.StreamRequest(audio=c.tobytes()))
         except (MediaStreamError, TimeoutError):
             log.info("webrtc %s: the page's audio ended", self.offer.model_id)
-        await self.close()
+        self._request_close()
 
     def _control(self, message: Any) -> None:
         try:
@@ -417,7 +424,7 @@ class WebRtcSession:
         else:
             self._send_channel({"type": "end"})
         await asyncio.sleep(0.5)  # let the last frames leave
-        await self.close()
+        self._request_close()
 
     # -- teardown ---------------------------------------------------------------------------
     async def close(self) -> None:
@@ -437,7 +444,10 @@ class WebRtcSession:
             others = [t for t in self.tasks if t is not me]
             for t in others:
                 t.cancel()
-            await asyncio.gather(*others, return_exceptions=True)
+            if others:
+                _, stuck = await asyncio.wait(others, timeout=5)
+                for t in stuck:
+                    log.warning("webrtc %s: a task did not stop: %r", self.offer.model_id, t)
         finally:
             log.info(
                 "webrtc %s: closed after %d frames (%d passed through, %d encoded here), %.1f s",
