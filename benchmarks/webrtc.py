@@ -65,6 +65,33 @@ def proc_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def encoder_cost(frames_dir: Path, n: int = 100) -> dict[str, float]:
+    """CPU ms per frame of the gateway's JPEG -> H.264 fallback (JpegToH264) on the
+    avatar's own frames, one thread: what passthrough saves per viewer and frame."""
+    import cv2  # the frames may be PNG: JPEG them as the compositing service would
+
+    from lipsync.web.webrtc_media import JpegToH264
+
+    paths = sorted(frames_dir.iterdir())[:25]
+    jpegs = [
+        cv2.imencode(".jpg", cv2.imread(str(p)), [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+        for p in paths
+    ]
+    enc = JpegToH264()
+    enc.encode(jpegs[0], 0.0, True)
+    c0 = time.process_time()
+    size = 0
+    for i in range(1, n + 1):
+        size += len(enc.encode(jpegs[i % len(jpegs)], 40.0 * i, False))
+    return {
+        "cpu_ms_per_frame": (time.process_time() - c0) * 1000 / n,
+        "kbit_per_s_at_25fps": size * 8 / n * 25 / 1000,
+        "jpeg_kbit_per_s_at_25fps": sum(map(len, jpegs)) / len(jpegs) * 8 * 25 / 1000,
+        "width": enc.size[0] if enc.size else 0,
+        "height": enc.size[1] if enc.size else 0,
+    }
+
+
 def emit_time(v: Viewer, sample: int) -> float | None:
     k = sample // CHUNK
     if v.mic is None or k >= len(v.mic.emitted):
@@ -251,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     env = dict(os.environ, LIPSYNC_LOG_LEVEL="WARNING")
     model = use_tiny_avatar(env, "webrtc-bench-") if args.tiny else args.model
+    avatars = Path(env.get("AVATARS_DIR", "avatars"))
+    encoder = encoder_cost(avatars / model / "frames")
     web_port = free_port()
     with ServiceProcesses(
         env=env,
@@ -266,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{cpu_name()}, {os.cpu_count()} cores",
         "command": "python -m benchmarks.webrtc " + " ".join(argv or []),
         "model": model,
+        "fallback_encoder": encoder,
         **result,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -284,6 +314,12 @@ def main(argv: list[str] | None = None) -> int:
             f"of a core per viewer; sent {c['sent_fps_per_viewer']:.1f} fps each, decoded "
             f"{c['fps_per_viewer']:.1f} fps each here"
         )
+    e = report["fallback_encoder"]
+    print(
+        f"JPEG -> H.264 fallback at {e['width']}x{e['height']}: {e['cpu_ms_per_frame']:.1f} ms "
+        f"CPU a frame; {e['kbit_per_s_at_25fps']:.0f} kbit/s at 25 fps (the JPEGs: "
+        f"{e['jpeg_kbit_per_s_at_25fps']:.0f} kbit/s)"
+    )
     rss = ", ".join(f"{x:.0f}" for x in report["gateway_rss_mb_after_rounds"])
     print(f"gateway RSS (MB) before and after each round of {args.viewers} viewers: {rss}")
     print(f"\nwritten to {args.out}")

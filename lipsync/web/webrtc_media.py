@@ -109,6 +109,9 @@ class JpegToH264:
             "level": "3.1",
             "g": str(self.keyint),
             "bf": "0",
+            # one thread per viewer's encoder: many viewers share the cores anyway, and
+            # x264's own thread pool per encoder only adds threads and memory arenas
+            "threads": "1",
         }
         self.encoder = enc
         self.size = (width, height)
