@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import json
 import shutil
 import subprocess
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -170,11 +172,20 @@ def test_a_python_viewer_gets_h264_video_opus_sound_and_metadata(services):
                 await v.close()
                 # the peer went away: its session and its stream end within seconds
                 await wait_until(lambda: not app[PEERS] and not servicer._streams, 20, "cleanup")
-            return v, session, streams_open
+            counts = {
+                "prefetch_cut": session.mic_prefetch_cut,
+                "sent": session.video.frames_sent,
+                "made": session.video.fallback_frames + session.video.passthrough_frames,
+            }
+            gone = weakref.ref(session)
+            del session
+            gc.collect()
+            return v, counts, gone(), streams_open
 
-    v, session, streams_open = run(body())
+    v, counts, left, streams_open = run(body())
+    assert left is None  # nothing holds on to a finished session
     assert streams_open == 1
-    assert session.mic_prefetch_cut  # the microphone's audio is not held 80 ms
+    assert counts["prefetch_cut"]  # the microphone's audio is not held 80 ms
     assert "H264/90000" in v.answer and "profile-level-id=42e01f" in v.answer
     assert "packetization-mode=1" in v.answer
     meta = v.frames_meta()
@@ -199,9 +210,9 @@ def test_a_python_viewer_gets_h264_video_opus_sound_and_metadata(services):
     assert rms > 0.02
     # the session encoded (this service sends JPEG) or passed through every frame it sent
     # (the viewer left while the last frame or two were on their way)
-    sent = session.video.frames_sent
+    sent = counts["sent"]
     assert len(meta) <= sent <= len(meta) + 2, (sent, len(meta))
-    made = session.video.fallback_frames + session.video.passthrough_frames
+    made = counts["made"]
     assert sent <= made <= sent + 1  # one may have been made as the viewer left
 
 
@@ -250,6 +261,25 @@ def test_the_fallback_encoder_makes_constrained_baseline_h264_with_headers_on_ke
     dec = av.CodecContext.create("h264", "r")
     decoded = [f for au in aus for f in dec.decode(av.Packet(au))]
     assert len(decoded) == 10 and (decoded[0].width, decoded[0].height) == (256, 224)
+    for i, f in enumerate(decoded):  # the JPEGs' pictures
+        want = cv2.cvtColor(cv2.imdecode(np.frombuffer(_jpeg(i), np.uint8), 1), cv2.COLOR_BGR2RGB)
+        err = np.mean((f.to_ndarray(format="rgb24").astype(np.float32) - want) ** 2)
+        assert 10 * np.log10(255**2 / err) > 30
+
+
+def test_the_fallback_encoder_keeps_the_jpeg_levels():
+    """JPEG's YUV is full range, H.264's (as players read it) limited: without converting,
+    a grey ramp comes back with its contrast stretched (mean error 9 levels, not 0.5)."""
+    ramp = np.tile(np.arange(256, dtype=np.uint8)[None, :, None], (224, 1, 3))
+    jpeg = cv2.imencode(".jpg", ramp, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+    want = cv2.cvtColor(cv2.imdecode(np.frombuffer(jpeg, np.uint8), 1), cv2.COLOR_BGR2RGB)
+    enc = JpegToH264()
+    dec = av.CodecContext.create("h264", "r")
+    frames = [
+        f for i in range(5) for f in dec.decode(av.Packet(enc.encode(jpeg, 40.0 * i, i == 0)))
+    ]
+    got = frames[-1].to_ndarray(format="rgb24").astype(np.float32)
+    assert np.abs(got - want).mean() < 2
 
 
 def test_the_video_track_passes_h264_through_and_waits_for_a_keyframe():
