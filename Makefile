@@ -59,6 +59,7 @@ bench: setup
 	$(PY) -m benchmarks.run
 	$(PY) -m benchmarks.stream_latency
 	$(PY) -m benchmarks.h264 --presets ultrafast,superfast,veryfast
+	$(PY) -m benchmarks.webrtc
 
 clean:
 	rm -rf $(VENV) out shared_proto/*_pb2*.py shared_proto/*_pb2*.pyi

@@ -1,6 +1,8 @@
-# The browser page and its WebSocket gateway (python -m lipsync.web): HTTP on 8080, talking
-# to the compositing service at web.compositing_address (COMPOSITING_ADDRESS overrides it).
-# The `web` extra: no OpenCV, no ONNX Runtime.
+# The browser page and its gateway (python -m lipsync.web): HTTP on 8080 (the page, the
+# WebRTC offer, the WebSocket fallback) and WebRTC media on random UDP ports (no range can
+# be pinned: docs/DELIVERY.md, TURN), talking to the compositing service at
+# web.compositing_address (COMPOSITING_ADDRESS overrides it). The `web` extra: aiortc and
+# PyAV (its wheels bring FFmpeg's libx264 and libopus), no OpenCV, no ONNX Runtime.
 #   docker build -f deploy/web.Dockerfile -t lipsync-web:0.1.0 .
 # (from the repository root; `make images` builds every image).
 ARG BASE_IMAGE=python:3.11-slim-bookworm

@@ -267,6 +267,13 @@ class WebConfig:
     # page's own origin; "*": any.
     allowed_origins: list[str] = field(default_factory=list)
     max_sessions: int = 64  # concurrent WebSocket sessions; more are refused (503)
+    # WebRTC viewers (docs/DELIVERY.md): concurrent peer connections, more are refused
+    # (503); STUN/TURN URLs given to the page and to the gateway's ICE agent
+    # ("stun:host:3478", "turn:host:3478?transport=udp"), with the TURN credentials.
+    webrtc_max_sessions: int = 16
+    ice_servers: list[str] = field(default_factory=list)
+    ice_username: str = ""
+    ice_credential: str = ""
 
 
 @dataclass

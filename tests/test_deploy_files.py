@@ -81,6 +81,20 @@ def test_compose_services_ports_healthchecks():
     assert services["web"]["depends_on"] == {"compositing": {"condition": "service_healthy"}}
 
 
+def test_webrtc_turn_settings_reach_the_gateway():
+    """WebRTC media are UDP on random ports (aiortc pins none): compose passes the TURN
+    settings on from the host, the k8s config names them, and both notes say so."""
+    web = compose("docker-compose.yml")["services"]["web"]
+    env = web["environment"]
+    for name in ("SERVERS", "USERNAME", "CREDENTIAL"):
+        key = f"LIPSYNC_WEB__ICE_{name}"
+        assert key in env and env[key] is None  # from the host's environment, when set
+    assert "TURN" in (REPO / "docker-compose.yml").read_text()
+    cfg = from_dict(yaml.safe_load((REPO / "k8s" / "base" / "config.yaml").read_text()))
+    assert cfg.web.ice_servers == [] and cfg.web.webrtc_max_sessions > 0
+    assert "TURN" in (REPO / "k8s" / "base" / "web.yaml").read_text()
+
+
 def test_gpu_request_only_in_the_override_file():
     """`docker compose up` reads docker-compose.override.yml (the GPU); naming the files
     with -f leaves it out. Compose v2 merges lists by appending, so the CPU file could not

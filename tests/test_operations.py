@@ -623,7 +623,7 @@ def test_gateway_serves_metrics():
 
     from aiohttp.test_utils import TestClient, TestServer
 
-    from lipsync.web.gateway import create_app
+    from lipsync.web.app import create_app
 
     async def main() -> str:
         async with TestClient(TestServer(create_app("127.0.0.1:1"))) as client:

@@ -28,8 +28,8 @@ from lipsync.proto import compositing_pb2_grpc as cpb_grpc
 from lipsync.proto import inference_pb2_grpc as ipb_grpc
 from lipsync.rpc.tls import TLSConfigError, channel_credentials, server_credentials
 from lipsync.serving import api_keys as auth
-from lipsync.web.gateway import create_app
-from lipsync.web.security import origin_allowed
+from lipsync.web.app import create_app
+from lipsync.web.origin_checks import origin_allowed
 from tests.avatar_factory import speech_like
 from tests.conftest import Services, service_config, stop_services
 

@@ -26,7 +26,9 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from lipsync.core import audio, windows
 from lipsync.local.launch import stop_processes
-from lipsync.web.gateway import create_app, parse_args, unpack_frame
+from lipsync.web.app import create_app
+from lipsync.web.cli import parse_args
+from lipsync.web.ws_protocol import unpack_frame
 from tests.avatar_factory import speech_like
 from tests.oracle import decode_jpeg
 
@@ -405,7 +407,7 @@ def test_page_in_headless_chromium_with_a_fake_microphone(services, tmp_path):
     sf.write(wav, speech, sr, subtype="PCM_16")
     profile = tmp_path / "profile"
     gateway = BackgroundGateway(services.address)
-    url = f"http://127.0.0.1:{gateway.port}/?model=alice"
+    url = f"http://127.0.0.1:{gateway.port}/?model=alice&transport=ws"  # the fallback
     log = (tmp_path / "chromium.log").open("wb")
     proc = subprocess.Popen(
         [

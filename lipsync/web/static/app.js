@@ -1,7 +1,15 @@
 // Lip-sync live page: microphone or an audio file in, avatar video with its sound out.
-// Protocol: see lipsync/web/gateway.py. Plain JS, no build step, no external resources.
+// Protocols: docs/DELIVERY.md. Plain JS, no build step, no external resources.
 //
-// Playout: the first frame of a session anchors a playout clock (its pts is shown
+// Two transports (the Transport select, or ?transport=ws|webrtc):
+// - WebRTC (the default where the browser has RTCPeerConnection): the microphone (or the
+//   file, through WebAudio) goes up as an audio track; the avatar's H.264 video and Opus
+//   sound come down as tracks of one stream, played by the <video> element (the browser
+//   keeps them in sync from the RTCP sender reports). A data channel `control` carries
+//   interrupt / end_of_audio / stop / ping up and each frame's metadata down.
+// - WebSocket (the fallback): described below.
+//
+// WebSocket playout:// the first frame of a session anchors a playout clock (its pts is shown
 // `buffer` ms after it arrived); every later frame is shown at anchor + (pts - pts0) and its
 // 40 ms of returned audio is scheduled through WebAudio at that same time. The clock is the
 // AudioContext's (what is being heard now, from getOutputTimestamp), so picture and sound
@@ -32,7 +40,9 @@
   const REANCHOR_S = 0.25; // a frame later than this re-anchors the playout clock
 
   const stats = {
-    state: 'idle', model: null, source: null, clock: null, error: null,
+    state: 'idle', model: null, source: null, clock: null, error: null, transport: null,
+    audioBytesReceived: 0, videoFramesDecoded: 0, avOffsetMs: null, videoCodec: null,
+    recentGenerated: null, avOffsetMedianMs: null,
     modelsLoaded: false, models: [],
     framesReceived: 0, framesShown: 0, generatedFrames: 0, idleFrames: 0, speechFrames: 0,
     lateFrames: 0, skippedFrames: 0, reanchors: 0, catchUpDrops: 0,
@@ -45,6 +55,8 @@
   window.lipsyncStats = stats;
 
   const canvas = $('video');
+  const rtcVideo = $('rtc');
+  if (params.get('transport') === 'ws' || !window.RTCPeerConnection) $('transport').value = 'ws';
   const g2d = canvas.getContext('2d');
   let ctx = null; // AudioContext: capture and playback
   let workletReady = null;
@@ -59,6 +71,8 @@
   const waits = []; // [time, ms from receiving a frame to showing it]
   const hops = [];
   const rtts = [];
+  const recentGenerated = []; // WebRTC: generated flags of the last 5 frames sent
+  const avOffsets = []; // WebRTC: video - audio estimated playout (sender clock), ms
 
   // -- helpers ----------------------------------------------------------------------------
   const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -136,14 +150,22 @@
   }
 
   // -- session ----------------------------------------------------------------------------
+  function showStage(kind) { // the canvas for WebSocket frames, the <video> for WebRTC
+    canvas.hidden = kind === 'webrtc';
+    rtcVideo.hidden = kind !== 'webrtc';
+    stats.transport = kind;
+    $('via').textContent = kind === 'webrtc' ? 'WebRTC' : 'WebSocket';
+  }
+
   function openSession(model) {
+    showStage('ws');
     return new Promise((resolve, reject) => {
       const proto = location.protocol === 'https:' ? 'wss:' : 'ws:';
       const ws = new WebSocket(`${proto}//${location.host}/ws`);
       ws.binaryType = 'arraybuffer';
       const info = stats.models.find((m) => m.model_id === model) || {};
       const s = {
-        ws, model, closed: false, started: false, ended: false,
+        kind: 'ws', ws, model, closed: false, started: false, ended: false,
         frameMs: 1000 / (info.fps || 25),
         rate: ctx.sampleRate,
         clock: makeClock(),
@@ -204,20 +226,187 @@
 
   async function ensureSession() {
     const model = $('model').value;
-    if (session && !session.closed && session.model === model) return session;
+    const kind = $('transport').value;
+    if (session && !session.closed && session.model === model && session.kind === kind) {
+      return session;
+    }
     if (session && !session.closed) closeSession(session);
-    return openSession(model);
+    return kind === 'webrtc' ? openRtcSession(model) : openSession(model);
   }
 
   function closeSession(s) {
     s.closing = true;
+    if (s.kind === 'webrtc') { closeRtc(s); return; }
     try { s.ws.close(1000); } catch (e) { /* already closed */ }
     dropPlayout(s);
   }
 
   function send(s, obj) {
-    if (s.ws.readyState === WebSocket.OPEN) s.ws.send(JSON.stringify(obj));
+    if (s.kind === 'webrtc') {
+      if (s.channel && s.channel.readyState === 'open') s.channel.send(JSON.stringify(obj));
+    } else if (s.ws.readyState === WebSocket.OPEN) {
+      s.ws.send(JSON.stringify(obj));
+    }
   }
+
+  // -- WebRTC session -----------------------------------------------------------------------
+  // H.264 constrained baseline, packetization-mode 1: what the gateway sends as it comes
+  // from the compositing service (no re-encoding).
+  function preferH264(transceiver) {
+    if (!transceiver.setCodecPreferences || !RTCRtpReceiver.getCapabilities) return;
+    const codecs = RTCRtpReceiver.getCapabilities('video').codecs;
+    const fmtp = (c) => (c.sdpFmtpLine || '').toLowerCase();
+    const h264 = codecs.filter((c) => c.mimeType.toLowerCase() === 'video/h264'
+      && fmtp(c).includes('packetization-mode=1') && fmtp(c).includes('profile-level-id=42e01f'));
+    const rtx = codecs.filter((c) => c.mimeType.toLowerCase() === 'video/rtx');
+    if (h264.length) transceiver.setCodecPreferences([...h264, ...rtx]);
+  }
+
+  function iceGathered(pc, timeoutMs) { // the gateway takes no trickled candidates
+    if (pc.iceGatheringState === 'complete') return Promise.resolve();
+    return new Promise((resolve) => {
+      const done = () => { if (pc.iceGatheringState === 'complete') resolve(); };
+      pc.addEventListener('icegatheringstatechange', done);
+      setTimeout(resolve, timeoutMs);
+    });
+  }
+
+  async function openRtcSession(model) {
+    showStage('webrtc');
+    showError(null);
+    setState('connecting');
+    const cfg = await (await fetch('/api/webrtc')).json();
+    const pc = new RTCPeerConnection({ iceServers: cfg.ice_servers || [] });
+    const dest = ctx.createMediaStreamDestination(); // what goes up: mic or file, else silence
+    const s = {
+      kind: 'webrtc', pc, model, dest, channel: null, closed: false, started: false,
+      ended: false, closing: false, pingTimer: null, statsTimer: null, stopTimer: null,
+      out: { gain: { value: 1 } },
+    };
+    session = s;
+    stats.model = model;
+    stats.clock = 'browser (RTCP sync)';
+    pc.addTransceiver(dest.stream.getAudioTracks()[0], { direction: 'sendrecv' });
+    preferH264(pc.addTransceiver('video', { direction: 'recvonly' }));
+    const ch = s.channel = pc.createDataChannel('control');
+    ch.onopen = () => {
+      ping(s);
+      s.pingTimer = setInterval(() => ping(s), PING_MS);
+    };
+    ch.onmessage = (ev) => onRtcMessage(s, JSON.parse(ev.data));
+    const remote = new MediaStream();
+    pc.ontrack = (ev) => {
+      remote.addTrack(ev.track);
+      rtcVideo.srcObject = remote;
+      rtcVideo.muted = !$('sound').checked;
+      rtcVideo.play().catch(() => { /* autoplay refused: plays on the next gesture */ });
+    };
+    pc.onconnectionstatechange = () => {
+      const st = pc.connectionState;
+      if (st === 'connected' && stats.state === 'open') setState('streaming');
+      if ((st === 'failed' || st === 'closed') && !s.closed) {
+        if (!s.ended && !s.closing) { showError(`WebRTC connection ${st}`); setState('error'); }
+        closeRtc(s);
+      }
+    };
+    try {
+      await pc.setLocalDescription(await pc.createOffer());
+      await iceGathered(pc, 3000);
+      const body = { sdp: pc.localDescription.sdp, type: 'offer', model_id: model };
+      if (apiKey) body.key = apiKey;
+      const resp = await fetch('/webrtc/offer', {
+        method: 'POST', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify(body),
+      });
+      const answer = await resp.json();
+      if (!resp.ok) {
+        if (resp.status === 401 || resp.status === 403) forgetKey();
+        throw new Error(answer.error || resp.statusText);
+      }
+      await pc.setRemoteDescription(answer);
+    } catch (e) {
+      showError(`WebRTC: ${e.message || e}`);
+      setState('error');
+      closeRtc(s);
+      throw e;
+    }
+    s.started = true;
+    setState(pc.connectionState === 'connected' ? 'streaming' : 'open');
+    s.statsTimer = setInterval(() => rtcStats(s), 1000);
+    return s;
+  }
+
+  function closeRtc(s) {
+    if (s.closed) return;
+    s.closed = true;
+    clearInterval(s.pingTimer);
+    clearInterval(s.statsTimer);
+    clearTimeout(s.stopTimer);
+    try { s.pc.close(); } catch (e) { /* closed */ }
+    if (session === s && source) { source.stop(); source = null; }
+    if (stats.state !== 'error') setState('closed');
+    updateButtons();
+  }
+
+  function onRtcMessage(s, msg) {
+    if (msg.type === 'frame') {
+      const now = performance.now();
+      stats.framesReceived++;
+      recvTimes.push(now);
+      if (msg.generated) { stats.generatedFrames++; serverLat.push([now, msg.latency_ms]); } else stats.idleFrames++;
+      if (msg.speech) stats.speechFrames++;
+      stats.lastIndex = msg.index;
+      recentGenerated.push(msg.generated ? 1 : 0);
+      if (recentGenerated.length > 5) recentGenerated.shift();
+      stats.recentGenerated = recentGenerated.length === 5
+        ? recentGenerated.reduce((a, b) => a + b, 0) : null;
+    } else if (msg.type === 'pong') {
+      rtts.push(performance.now() - msg.t);
+      if (rtts.length > 10) rtts.shift();
+      stats.rttMs = median(rtts);
+    } else if (msg.type === 'end') {
+      s.ended = true;
+      closeRtc(s);
+    } else if (msg.type === 'error') {
+      showError(msg.message);
+      setState('error');
+    }
+  }
+
+  async function rtcStats(s) { // what the browser received, and its audio/video offset
+    if (s.closed) return;
+    let audio = null;
+    let video = null;
+    const report = await s.pc.getStats();
+    report.forEach((r) => {
+      if (r.type === 'inbound-rtp' && r.kind === 'audio') audio = r;
+      if (r.type === 'inbound-rtp' && r.kind === 'video') video = r;
+    });
+    if (audio) stats.audioBytesReceived = audio.bytesReceived || 0;
+    if (video) {
+      stats.videoFramesDecoded = video.framesDecoded || 0;
+      const codec = video.codecId && report.get(video.codecId);
+      if (codec) stats.videoCodec = `${codec.mimeType} ${codec.sdpFmtpLine || ''}`.trim();
+    }
+    // Each track's estimatedPlayoutTimestamp is the sender's clock (NTP, from its sender
+    // reports) of what plays now: their difference is the offset the viewer sees.
+    if (audio && video && audio.estimatedPlayoutTimestamp && video.estimatedPlayoutTimestamp) {
+      stats.avOffsetMs = video.estimatedPlayoutTimestamp - audio.estimatedPlayoutTimestamp;
+      avOffsets.push(stats.avOffsetMs);
+      if (avOffsets.length > 30) avOffsets.shift();
+      stats.avOffsetMedianMs = median(avOffsets);
+    }
+  }
+
+  function onRtcVideoFrame(now, meta) {
+    if (session && session.kind === 'webrtc' && !session.closed) {
+      stats.framesShown++;
+      shownTimes.push(now);
+      stats.frameWidth = meta.width;
+      stats.frameHeight = meta.height;
+    }
+    rtcVideo.requestVideoFrameCallback(onRtcVideoFrame);
+  }
+  if (rtcVideo.requestVideoFrameCallback) rtcVideo.requestVideoFrameCallback(onRtcVideoFrame);
   function ping(s) { send(s, { type: 'ping', t: performance.now() }); }
 
   // pcm: Float32Array at s.rate; captureMs: performance.now() when its first sample was captured
@@ -338,7 +527,7 @@
 
   function render() {
     const s = session;
-    if (!s || !s.queue.length) return;
+    if (!s || !s.queue || !s.queue.length) return;
     const now = s.clock.now();
     let f = null;
     while (s.queue.length && s.queue[0].T <= now) {
@@ -439,6 +628,17 @@ registerProcessor('lipsync-capture', LipsyncCapture);
       const stream = await navigator.mediaDevices.getUserMedia({
         audio: { channelCount: 1, echoCancellation: true, noiseSuppression: false, autoGainControl: false },
       });
+      if ($('transport').value === 'webrtc') {
+        const s = await ensureSession();
+        const input = ctx.createMediaStreamSource(stream);
+        input.connect(s.dest);
+        source = {
+          kind: 'mic',
+          stop() { input.disconnect(); stream.getTracks().forEach((t) => t.stop()); },
+        };
+        updateButtons();
+        return;
+      }
       if (!workletReady) {
         const url = URL.createObjectURL(new Blob([WORKLET], { type: 'application/javascript' }));
         workletReady = ctx.audioWorklet.addModule(url);
@@ -487,6 +687,24 @@ registerProcessor('lipsync-capture', LipsyncCapture);
         for (let i = 0; i < pcm.length; i++) pcm[i] += ch[i] / decoded.numberOfChannels;
       }
       const s = await ensureSession();
+      if (s.kind === 'webrtc') { // played into the session's audio track, in real time
+        const node = ctx.createBufferSource();
+        node.buffer = decoded;
+        node.connect(s.dest);
+        const me = {
+          kind: `file (${file.name})`,
+          stop() { node.onended = null; try { node.stop(); } catch (e) { /* done */ } node.disconnect(); },
+        };
+        node.onended = () => {
+          node.disconnect();
+          endOfAudio(s);
+          if (source === me) { source = null; updateButtons(); }
+        };
+        node.start();
+        source = me;
+        updateButtons();
+        return;
+      }
       const rate = decoded.sampleRate;
       if (rate !== s.rate) throw new Error(`decoded at ${rate} Hz, session expects ${s.rate} Hz`);
       const chunk = Math.round((rate * CHUNK_MS) / 1000);
@@ -518,6 +736,12 @@ registerProcessor('lipsync-capture', LipsyncCapture);
     const s = session;
     stopSource();
     if (!s || s.closed) return;
+    if (s.kind === 'webrtc') { // the gateway flushes the clip, then sends `end`
+      send(s, { type: 'stop' });
+      s.closing = true;
+      s.stopTimer = setTimeout(() => closeRtc(s), 15000);
+      return;
+    }
     send(s, { type: 'end_of_audio' });
     send(s, { type: 'stop' });
     s.newClip = true;
@@ -529,7 +753,7 @@ registerProcessor('lipsync-capture', LipsyncCapture);
     if (!s || s.closed) return;
     send(s, { type: 'interrupt' });
     s.newClip = true;
-    dropPlayout(s);
+    if (s.kind === 'ws') dropPlayout(s);
   }
 
   // -- wiring -----------------------------------------------------------------------------
@@ -587,7 +811,15 @@ registerProcessor('lipsync-capture', LipsyncCapture);
   });
   $('sound').addEventListener('change', () => {
     if (session) session.out.gain.value = $('sound').checked ? 1 : 0;
+    rtcVideo.muted = !$('sound').checked;
   });
+  $('transport').addEventListener('change', () => {
+    stopSource();
+    if (session && !session.closed) closeSession(session);
+    showStage($('transport').value);
+    updateButtons();
+  });
+  showStage($('transport').value);
 
   g2d.fillStyle = '#222';
   g2d.fillRect(0, 0, canvas.width, canvas.height);

@@ -1,5 +1,5 @@
-"""The gateway's checks of who may open a WebSocket and which key a browser sent
-(docs/SECURITY.md)."""
+"""The gateway's checks of which page may open a session (its Origin) and which key a
+browser sent (docs/SECURITY.md)."""
 
 from __future__ import annotations
 
@@ -47,15 +47,3 @@ def start_api_key(text: str) -> str | None:
         return None
     key = obj.get("api_key") if isinstance(obj, dict) else None
     return key.strip() if isinstance(key, str) and key.strip() else None
-
-
-def header_api_key(authorization: str | None) -> str | None:
-    """The key of an `Authorization: Bearer <key>` header."""
-    if not authorization:
-        return None
-    scheme, _, token = authorization.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
-
-
-def bearer_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {api_key}"),) if api_key else ()

@@ -1,11 +1,11 @@
 """The gateway's /metrics (Prometheus text, on the gateway's own port): open WebSocket
-sessions, HTTP requests by route and status, and the process collectors. Each app has
+and WebRTC sessions, HTTP requests by route and status, and the process collectors. Each app has
 its own registry (several apps in one process, as in tests, keep their own counts)."""
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
@@ -17,8 +17,11 @@ from prometheus_client.process_collector import ProcessCollector
 REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)
 
 
-def add_metrics(app: web.Application, sockets: weakref.WeakSet) -> None:
-    """Serve GET /metrics on `app` and count its requests; `sockets`: the open sessions."""
+def add_metrics(
+    app: web.Application, sockets: weakref.WeakSet, peers: Collection[object] = ()
+) -> None:
+    """Serve GET /metrics on `app` and count its requests; `sockets`: the open WebSocket
+    sessions, `peers`: the WebRTC sessions."""
     r = app[REGISTRY] = CollectorRegistry()
     ProcessCollector(registry=r)
     PlatformCollector(registry=r)
@@ -26,6 +29,9 @@ def add_metrics(app: web.Application, sockets: weakref.WeakSet) -> None:
     Gauge("lipsync_gateway_sessions", "Open WebSocket sessions.", registry=r).set_function(
         lambda: len(sockets)
     )
+    Gauge(
+        "lipsync_gateway_webrtc_sessions", "Open WebRTC sessions (peer connections).", registry=r
+    ).set_function(lambda: len(peers))
     requests = Counter(
         "lipsync_gateway_requests",
         "HTTP requests by route (the route's pattern, not the path) and status.",
