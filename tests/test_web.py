@@ -15,7 +15,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import aiohttp
 import numpy as np
@@ -33,6 +33,36 @@ from tests.avatar_factory import speech_like
 from tests.oracle import decode_jpeg
 
 CHROMIUM = "/usr/bin/chromium"
+
+
+def start_chromium(profile: Path, wav: Path, url: str, log: IO[bytes]) -> subprocess.Popen:
+    """Headless Chromium on `url` with a fresh profile, a fake microphone playing `wav`
+    and DevTools on a port of its choosing (DevTools reads it from the profile)."""
+    return subprocess.Popen(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--no-default-browser-check",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-extensions",
+            f"--user-data-dir={profile}",
+            "--use-fake-ui-for-media-stream",
+            "--use-fake-device-for-media-stream",
+            f"--use-file-for-fake-audio-capture={wav}",
+            "--autoplay-policy=no-user-gesture-required",
+            "--window-size=1280,900",
+            "--remote-debugging-port=0",
+            url,
+        ],
+        stdout=log,
+        stderr=log,
+    )
 
 
 def run(coro):
@@ -409,31 +439,7 @@ def test_page_in_headless_chromium_with_a_fake_microphone(services, tmp_path):
     gateway = BackgroundGateway(services.address)
     url = f"http://127.0.0.1:{gateway.port}/?model=alice&transport=ws"  # the fallback
     log = (tmp_path / "chromium.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            CHROMIUM,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--no-default-browser-check",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--disable-extensions",
-            f"--user-data-dir={profile}",
-            "--use-fake-ui-for-media-stream",
-            "--use-fake-device-for-media-stream",
-            f"--use-file-for-fake-audio-capture={wav}",
-            "--autoplay-policy=no-user-gesture-required",
-            "--window-size=1280,900",
-            "--remote-debugging-port=0",
-            url,
-        ],
-        stdout=log,
-        stderr=log,
-    )
+    proc = start_chromium(profile, wav, url, log)
     clip = tmp_path / "clip.wav"  # for "Play a file": another rate, decoded by the page
     sf.write(clip, speech_like(2.0, sr=22050, seed=12), 22050, subtype="PCM_16")
     try:

@@ -25,12 +25,13 @@ from aiohttp.test_utils import TestClient, TestServer
 from aiortc import RTCPeerConnection
 
 from benchmarks.webrtc_viewer import RATE, Viewer
+from lipsync.local.launch import stop_processes
 from lipsync.proto import compositing_pb2 as cpb
 from lipsync.web.app import PEERS, create_app
 from lipsync.web.webrtc_media import AvatarAudioTrack, AvatarVideoTrack, JpegToH264, is_idr
 from lipsync.web.webrtc_session import HANGOVER_S, PREROLL_S, SilenceGate
 from tests.avatar_factory import speech_like
-from tests.test_web import CHROMIUM, BackgroundGateway, DevTools
+from tests.test_web import CHROMIUM, BackgroundGateway, DevTools, start_chromium
 
 
 def run(coro):
@@ -367,42 +368,13 @@ def test_page_over_webrtc_in_headless_chromium(services, tmp_path):
     app = gateway.runner.app
     url = f"http://127.0.0.1:{gateway.port}/?model=alice"
     log = (tmp_path / "chromium.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            CHROMIUM,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--no-default-browser-check",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--disable-extensions",
-            f"--user-data-dir={profile}",
-            "--use-fake-ui-for-media-stream",
-            "--use-fake-device-for-media-stream",
-            f"--use-file-for-fake-audio-capture={wav}",
-            "--autoplay-policy=no-user-gesture-required",
-            "--window-size=1280,900",
-            "--remote-debugging-port=0",
-            url,
-        ],
-        stdout=log,
-        stderr=log,
-    )
+    proc = start_chromium(profile, wav, url, log)
     try:
         stats, grabs, peers_before, peers_after, streams_after = run(
             drive_webrtc_page(proc, profile, gateway.port, app, servicer)
         )
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_processes([proc], 10)
         log.close()
         gateway.close()
         shutil.rmtree(profile, ignore_errors=True)
