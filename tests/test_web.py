@@ -486,9 +486,11 @@ def test_page_in_headless_chromium_with_a_fake_microphone(services, tmp_path):
         shutil.copyfile(shot, target)
 
 
-async def drive_page(
-    proc: subprocess.Popen, profile: Path, port: int, tmp_path: Path, clip: Path
-) -> tuple[dict[str, Any], dict[str, Any], Path, list[str]]:
+async def devtools_page(
+    proc: subprocess.Popen, profile: Path, port: int, http: aiohttp.ClientSession
+) -> str:
+    """The DevTools WebSocket URL of Chromium's page on the gateway's `port` (bounded:
+    60 s for Chromium to start and open it)."""
     active = profile / "DevToolsActivePort"
     deadline = time.monotonic() + 60
     while not (active.exists() and active.read_text().strip()):
@@ -496,19 +498,23 @@ async def drive_page(
             pytest.fail(f"chromium did not start (exit {proc.poll()})")
         await asyncio.sleep(0.1)
     devtools_port = int(active.read_text().split()[0])
+    while True:
+        async with http.get(f"http://127.0.0.1:{devtools_port}/json/list") as resp:
+            targets = await resp.json()
+        page = next((t for t in targets if t["type"] == "page" and f":{port}/" in t["url"]), None)
+        if page is not None:
+            return page["webSocketDebuggerUrl"]
+        if time.monotonic() > deadline:
+            pytest.fail(f"no page target: {targets}")
+        await asyncio.sleep(0.2)
+
+
+async def drive_page(
+    proc: subprocess.Popen, profile: Path, port: int, tmp_path: Path, clip: Path
+) -> tuple[dict[str, Any], dict[str, Any], Path, list[str]]:
     async with aiohttp.ClientSession() as http:
-        page = None
-        while page is None:
-            async with http.get(f"http://127.0.0.1:{devtools_port}/json/list") as resp:
-                targets = await resp.json()
-            page = next(
-                (t for t in targets if t["type"] == "page" and f":{port}/" in t["url"]), None
-            )
-            if page is None:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"no page target: {targets}")
-                await asyncio.sleep(0.2)
-        async with http.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0) as ws:
+        page_url = await devtools_page(proc, profile, port, http)
+        async with http.ws_connect(page_url, max_msg_size=0) as ws:
             cdp = DevTools(ws)
             await cdp.call("Runtime.enable")
             await cdp.until("window.lipsyncStats && window.lipsyncStats.modelsLoaded", 30)

@@ -31,7 +31,13 @@ from lipsync.web.app import PEERS, create_app
 from lipsync.web.webrtc_media import AvatarAudioTrack, AvatarVideoTrack, JpegToH264, is_idr
 from lipsync.web.webrtc_session import HANGOVER_S, PREROLL_S, SilenceGate
 from tests.avatar_factory import speech_like
-from tests.test_web import CHROMIUM, BackgroundGateway, DevTools, start_chromium
+from tests.test_web import (
+    CHROMIUM,
+    BackgroundGateway,
+    DevTools,
+    devtools_page,
+    start_chromium,
+)
 
 
 def run(coro):
@@ -418,26 +424,9 @@ GRAB = """(() => {
 async def drive_webrtc_page(
     proc: subprocess.Popen, profile: Path, port: int, app, servicer
 ) -> tuple[dict[str, Any], list[tuple[np.ndarray, int]], int, int, int]:
-    active = profile / "DevToolsActivePort"
-    deadline = time.monotonic() + 60
-    while not (active.exists() and active.read_text().strip()):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            pytest.fail(f"chromium did not start (exit {proc.poll()})")
-        await asyncio.sleep(0.1)
-    devtools_port = int(active.read_text().split()[0])
     async with aiohttp.ClientSession() as http:
-        page = None
-        while page is None:
-            async with http.get(f"http://127.0.0.1:{devtools_port}/json/list") as resp:
-                targets = await resp.json()
-            page = next(
-                (t for t in targets if t["type"] == "page" and f":{port}/" in t["url"]), None
-            )
-            if page is None:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"no page target: {targets}")
-                await asyncio.sleep(0.2)
-        async with http.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0) as ws:
+        page_url = await devtools_page(proc, profile, port, http)
+        async with http.ws_connect(page_url, max_msg_size=0) as ws:
             cdp = DevTools(ws)
             await cdp.call("Runtime.enable")
             await cdp.until("window.lipsyncStats && window.lipsyncStats.modelsLoaded", 30)

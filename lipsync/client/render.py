@@ -114,17 +114,7 @@ def render_to(
     audio_seconds = np.asarray(audio16k).size / SAMPLE_RATE
     audio, padded = pad_audio(np.asarray(audio16k, dtype=np.float32))
     total = clip_frames(audio.size)
-    from tqdm import tqdm
-
-    bar = tqdm(
-        total=total,
-        unit="frame",
-        file=sys.stderr,
-        disable=not progress,
-        desc=model,
-        dynamic_ncols=True,
-        leave=False,
-    )
+    bar = _progress_bar(model, total, progress)
 
     def on_progress(done: int, _total: int) -> None:
         bar.update(done - bar.n)
@@ -170,17 +160,7 @@ def render_h264_to(
     audio_seconds = np.asarray(audio16k).size / SAMPLE_RATE
     audio, padded = pad_audio(np.asarray(audio16k, dtype=np.float32))
     total = clip_frames(audio.size)
-    from tqdm import tqdm
-
-    bar = tqdm(
-        total=total,
-        unit="frame",
-        file=sys.stderr,
-        disable=not progress,
-        desc=model,
-        dynamic_ncols=True,
-        leave=False,
-    )
+    bar = _progress_bar(model, total, progress)
     targets = ([str(out)] if out is not None else []) + list(push)
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -227,3 +207,18 @@ def render_h264_to(
                 Path(out).unlink()
     where: Path | str = Path(out) if out is not None else push[0]
     return RenderSummary(where, "video", count, audio_seconds, time.perf_counter() - t0, padded)
+
+
+def _progress_bar(model: str, total: int, shown: bool):  # type: ignore[no-untyped-def]
+    """A tqdm bar of frames on stderr (the `render` extra), gone when done."""
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        unit="frame",
+        file=sys.stderr,
+        disable=not shown,
+        desc=model,
+        dynamic_ncols=True,
+        leave=False,
+    )
