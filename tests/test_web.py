@@ -14,6 +14,7 @@ import statistics
 import subprocess
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -509,52 +510,60 @@ async def devtools_page(
         await asyncio.sleep(0.2)
 
 
-async def drive_page(
-    proc: subprocess.Popen, profile: Path, port: int, tmp_path: Path, clip: Path
-) -> tuple[dict[str, Any], dict[str, Any], Path, list[str]]:
+@contextlib.asynccontextmanager
+async def page_devtools(
+    proc: subprocess.Popen, profile: Path, port: int
+) -> AsyncIterator[DevTools]:
+    """DevTools on Chromium's page of the gateway on `port`, once the page has its
+    avatar list (bounded: 60 s to start, 30 s for the list)."""
     async with aiohttp.ClientSession() as http:
         page_url = await devtools_page(proc, profile, port, http)
         async with http.ws_connect(page_url, max_msg_size=0) as ws:
             cdp = DevTools(ws)
             await cdp.call("Runtime.enable")
             await cdp.until("window.lipsyncStats && window.lipsyncStats.modelsLoaded", 30)
-            assert await cdp.eval("document.getElementById('model').value") == "alice"
-            await cdp.eval("document.getElementById('mic').click(), true")
-            await cdp.until(
-                "(s => s.distinctGeneratedFrames >= 8 && s.framesShown >= 50"
-                " && s.e2eMs !== null)(window.lipsyncStats)",
-                60,
-            )
-            await asyncio.sleep(1.0)
-            stats = await cdp.eval(STATS)
-            shot = await cdp.call("Page.captureScreenshot", format="png")
-            png = tmp_path / "web_preview.png"
-            png.write_bytes(base64.b64decode(shot["data"]))
-            await cdp.eval("document.getElementById('stop').click(), true")
-            with contextlib.suppress(TimeoutError):
-                await cdp.until("window.lipsyncStats.state === 'closed'", 15)
-            stats["closedAfterStop"] = await cdp.eval("window.lipsyncStats.state")
+            yield cdp
 
-            before = await cdp.eval(STATS)
-            doc = await cdp.call("DOM.getDocument")
-            node = await cdp.call(
-                "DOM.querySelector", nodeId=doc["root"]["nodeId"], selector="#file"
-            )
-            await cdp.call("DOM.setFileInputFiles", files=[str(clip)], nodeId=node["nodeId"])
-            await cdp.until("window.lipsyncStats.source !== null", 20)
-            await cdp.until(  # the file was streamed, its clip ended, the avatar idles again
-                f"(s => s.source === null && s.idleFrames >= {before['idleFrames']} + 10"
-                f" && s.generatedFrames > {before['generatedFrames']})(window.lipsyncStats)",
-                30,
-            )
-            await asyncio.sleep(0.5)
-            after = await cdp.eval(STATS)
-            file_stats = {
-                "generated": after["generatedFrames"] - before["generatedFrames"],
-                "idleAfter": after["idleFrames"] - before["idleFrames"],
-                "source": after["source"],
-                "state": after["state"],
-                "error": after["error"],
-                "e2eMs": after["e2eMs"],
-            }
-            return stats, file_stats, png, cdp.console
+
+async def drive_page(
+    proc: subprocess.Popen, profile: Path, port: int, tmp_path: Path, clip: Path
+) -> tuple[dict[str, Any], dict[str, Any], Path, list[str]]:
+    async with page_devtools(proc, profile, port) as cdp:
+        assert await cdp.eval("document.getElementById('model').value") == "alice"
+        await cdp.eval("document.getElementById('mic').click(), true")
+        await cdp.until(
+            "(s => s.distinctGeneratedFrames >= 8 && s.framesShown >= 50"
+            " && s.e2eMs !== null)(window.lipsyncStats)",
+            60,
+        )
+        await asyncio.sleep(1.0)
+        stats = await cdp.eval(STATS)
+        shot = await cdp.call("Page.captureScreenshot", format="png")
+        png = tmp_path / "web_preview.png"
+        png.write_bytes(base64.b64decode(shot["data"]))
+        await cdp.eval("document.getElementById('stop').click(), true")
+        with contextlib.suppress(TimeoutError):
+            await cdp.until("window.lipsyncStats.state === 'closed'", 15)
+        stats["closedAfterStop"] = await cdp.eval("window.lipsyncStats.state")
+
+        before = await cdp.eval(STATS)
+        doc = await cdp.call("DOM.getDocument")
+        node = await cdp.call("DOM.querySelector", nodeId=doc["root"]["nodeId"], selector="#file")
+        await cdp.call("DOM.setFileInputFiles", files=[str(clip)], nodeId=node["nodeId"])
+        await cdp.until("window.lipsyncStats.source !== null", 20)
+        await cdp.until(  # the file was streamed, its clip ended, the avatar idles again
+            f"(s => s.source === null && s.idleFrames >= {before['idleFrames']} + 10"
+            f" && s.generatedFrames > {before['generatedFrames']})(window.lipsyncStats)",
+            30,
+        )
+        await asyncio.sleep(0.5)
+        after = await cdp.eval(STATS)
+        file_stats = {
+            "generated": after["generatedFrames"] - before["generatedFrames"],
+            "idleAfter": after["idleFrames"] - before["idleFrames"],
+            "source": after["source"],
+            "state": after["state"],
+            "error": after["error"],
+            "e2eMs": after["e2eMs"],
+        }
+        return stats, file_stats, png, cdp.console

@@ -34,8 +34,7 @@ from tests.avatar_factory import speech_like
 from tests.test_web import (
     CHROMIUM,
     BackgroundGateway,
-    DevTools,
-    devtools_page,
+    page_devtools,
     start_chromium,
 )
 
@@ -424,31 +423,26 @@ GRAB = """(() => {
 async def drive_webrtc_page(
     proc: subprocess.Popen, profile: Path, port: int, app, servicer
 ) -> tuple[dict[str, Any], list[tuple[np.ndarray, int]], int, int, int]:
-    async with aiohttp.ClientSession() as http:
-        page_url = await devtools_page(proc, profile, port, http)
-        async with http.ws_connect(page_url, max_msg_size=0) as ws:
-            cdp = DevTools(ws)
-            await cdp.call("Runtime.enable")
-            await cdp.until("window.lipsyncStats && window.lipsyncStats.modelsLoaded", 30)
-            assert await cdp.eval("document.getElementById('transport').value") == "webrtc"
-            await cdp.eval("document.getElementById('mic').click(), true")
-            await cdp.until("window.lipsyncStats.framesShown >= 5", 60)
-            grabs: list[tuple[np.ndarray, int]] = []
-            t_end = time.monotonic() + 40
-            while time.monotonic() < t_end:  # bounded: 40 s, ~6 grabs a second
-                g = await cdp.eval(GRAB)
-                if g is not None and g["recent"] in (0, 5):
-                    png = base64.b64decode(g["png"].split(",", 1)[1])
-                    img = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
-                    grabs.append((cv2.cvtColor(img, cv2.COLOR_BGR2RGB), g["recent"]))
-                talking = sum(1 for _, r in grabs if r == 5)
-                if talking >= 12 and sum(1 for _, r in grabs if r == 0) >= 5:
-                    break
-                await asyncio.sleep(0.15)
-            await asyncio.sleep(1.5)  # a second of stats
-            stats = await cdp.eval("JSON.parse(JSON.stringify(window.lipsyncStats))")
-            peers_before = len(app[PEERS])
-            await cdp.call("Page.navigate", url="about:blank")  # the viewer leaves
+    async with page_devtools(proc, profile, port) as cdp:
+        assert await cdp.eval("document.getElementById('transport').value") == "webrtc"
+        await cdp.eval("document.getElementById('mic').click(), true")
+        await cdp.until("window.lipsyncStats.framesShown >= 5", 60)
+        grabs: list[tuple[np.ndarray, int]] = []
+        t_end = time.monotonic() + 40
+        while time.monotonic() < t_end:  # bounded: 40 s, ~6 grabs a second
+            g = await cdp.eval(GRAB)
+            if g is not None and g["recent"] in (0, 5):
+                png = base64.b64decode(g["png"].split(",", 1)[1])
+                img = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+                grabs.append((cv2.cvtColor(img, cv2.COLOR_BGR2RGB), g["recent"]))
+            talking = sum(1 for _, r in grabs if r == 5)
+            if talking >= 12 and sum(1 for _, r in grabs if r == 0) >= 5:
+                break
+            await asyncio.sleep(0.15)
+        await asyncio.sleep(1.5)  # a second of stats
+        stats = await cdp.eval("JSON.parse(JSON.stringify(window.lipsyncStats))")
+        peers_before = len(app[PEERS])
+        await cdp.call("Page.navigate", url="about:blank")  # the viewer leaves
         t0 = time.monotonic()
         while (app[PEERS] or servicer.streams.count) and time.monotonic() - t0 < 20:
             await asyncio.sleep(0.1)
